@@ -1,0 +1,110 @@
+"""Collective-communication backend and its environment tuning, in one place.
+
+The backend name is what ``torch.distributed.init_process_group`` receives. MetaX's
+mcPyTorch keeps the ``nccl`` name and routes it to MCCL, so CUDA and MACA share it.
+
+Environment tuning is computed by :func:`comm_env_for` (pure) and applied by
+:func:`apply_comm_env`, which the trainer calls explicitly before creating process
+groups. Nothing here runs at import time, and a variable the user already set is
+never overwritten: every value below is a default that a site can override.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from maca_compat.platform import Platform
+
+logger = logging.getLogger("sbtrain.maca_compat")
+
+COMM_BACKENDS: dict[str, str] = {"cuda": "nccl", "maca": "nccl", "cpu": "gloo"}
+"""torch.distributed backend per platform vendor."""
+
+# Read by upstream ProcessGroupNCCL when a process group is constructed. Without it,
+# async collectives (tensor/sequence-parallel overlap) keep their inputs alive through
+# recordStream until the comm stream catches up, which inflates peak memory; torchtitan
+# sets it for the same reason. mcPyTorch is assumed (not verified) to keep upstream's
+# ProcessGroupNCCL; if it does not read the variable, setting it is inert.
+_TORCH_PG_ENV: dict[str, str] = {"TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
+
+# MetaX's MCCL guide (developer.metax-tech.com, MCCL doc, "环境变量" §4.1) says a
+# single C500/C550 x86 node needs no MCCL variables, and recommends these two for
+# multi-node runs "to mask differences between network setups":
+#   MCCL_NET_GDR_LEVEL=SYS  allow GPUDirect RDMA whatever the GPU-NIC PCIe distance;
+#   MCCL_CROSS_NIC=1        let rings/trees use different NICs on different nodes.
+# MCCL_IB_HCA (the compute NICs) is site-specific and deliberately left to the launcher.
+# The guide's "extreme performance" knobs (MCCL_FAST_WRITE_BACK, FORCE_ACTIVE_WAIT, ...)
+# trade compute or CPU for comm speed and are not defaults.
+_MCCL_MULTI_NODE_ENV: dict[str, str] = {"MCCL_NET_GDR_LEVEL": "SYS", "MCCL_CROSS_NIC": "1"}
+
+_logged: set[tuple[tuple[str, str], ...]] = set()
+
+
+def comm_backend_for(vendor: str) -> str:
+    """Return the ``torch.distributed`` backend name for a platform vendor."""
+    try:
+        return COMM_BACKENDS[vendor]
+    except KeyError:
+        raise ValueError(f"unknown platform vendor {vendor!r}; known: {sorted(COMM_BACKENDS)}") from None
+
+
+def comm_env_for(platform: Platform, *, multi_node: bool = False) -> dict[str, str]:
+    """Return the default communication environment for ``platform`` (pure; sets nothing).
+
+    Args:
+        platform: the detected platform.
+        multi_node: the job spans more than one node (adds MetaX's multi-node MCCL defaults).
+
+    Returns:
+        Variable name -> value; empty on CPU (gloo needs no tuning).
+    """
+    if platform.vendor == "cpu":
+        return {}
+    env = dict(_TORCH_PG_ENV)
+    if platform.vendor == "maca" and multi_node:
+        env.update(_MCCL_MULTI_NODE_ENV)
+    return env
+
+
+def apply_comm_env(
+    platform: Platform,
+    environ: MutableMapping[str, str] | None = None,
+    *,
+    multi_node: bool = False,
+) -> dict[str, str]:
+    """Set the variables from :func:`comm_env_for` that are missing from ``environ``.
+
+    Call before ``init_process_group``: NCCL/MCCL and ProcessGroupNCCL read these when
+    the first communicator is created.
+
+    Args:
+        platform: the detected platform.
+        environ: the mapping to update; ``os.environ`` when None.
+        multi_node: forwarded to :func:`comm_env_for`.
+
+    Returns:
+        The variables this call set (user-set ones are kept and not returned).
+    """
+    environ = os.environ if environ is None else environ
+    wanted = comm_env_for(platform, multi_node=multi_node)
+    applied = {k: v for k, v in wanted.items() if k not in environ}
+    environ.update(applied)
+    kept = {k: environ[k] for k in wanted if k not in applied}
+    _log_once(platform, applied, kept)
+    return applied
+
+
+def _log_once(platform: Platform, applied: dict[str, str], kept: dict[str, str]) -> None:
+    """Log the comm setup once per distinct outcome (apply may be called per process group)."""
+    key = tuple(sorted({**applied, **{f"{k} (user)": v for k, v in kept.items()}}.items()))
+    if key in _logged:
+        return
+    _logged.add(key)
+    logger.info(
+        "comm backend %s on %s: set %s; kept user values %s",
+        platform.comm_backend, platform.vendor, applied or "{}", kept or "{}",
+    )

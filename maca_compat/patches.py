@@ -1,0 +1,260 @@
+"""The one reviewed list of run-time shims of megatron-core.
+
+Nothing here runs on import. ``apply_patches(names)`` applies entries and ``revert_patches()``
+undoes them; ``maca_compat.setup()`` picks the entries a platform needs. Every entry names
+its reason and the test in ``tests/maca_compat/test_patches.py`` that fails without it (each
+test first shows the stock failure with the entry reverted, then success with it applied).
+No installed file is edited and no megatron-core code is copied: entries rebind names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from maca_compat.cpu_shims import CPU_TORCH, cpu_tensors_report_cuda_types
+
+logger = logging.getLogger("sbtrain.maca_compat")
+_MC = "megatron.core."
+CPU = ("cpu",)
+ALL = ("cpu", "cuda", "maca")
+MEGATRON_CORE_VERSION = "0.19.2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """One shim: which names it rebinds, why, and which platforms need it."""
+
+    name: str
+    reason: str
+    platforms: tuple[str, ...]
+    apply: Callable[[], list[tuple[Any, str, Any]]]
+    """Performs the rebinding; returns (owner, attribute, original) triples for revert."""
+    test: str
+    """The test that shows the stock failure without this entry."""
+
+
+def _rebind_torch(*module_names: str) -> Callable[[], list]:
+    """Give each module the CPU stand-in for ``torch`` (see cpu_shims.CpuTorch)."""
+
+    def apply() -> list:
+        undo = []
+        for name in module_names:
+            module = importlib.import_module(name)
+            undo.append((module, "torch", module.torch))
+            module.torch = CPU_TORCH
+        return undo
+
+    return apply
+
+
+def _replace(module_name: str, attr: str, make: Callable[[Any], Any]) -> Callable[[], list]:
+    """Rebind ``module.attr`` to ``make(original)``; ``attr`` may be ``Class.method``."""
+
+    def apply() -> list:
+        owner: Any = importlib.import_module(module_name)
+        *path, leaf = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = owner.__dict__[leaf] if isinstance(owner, type) else getattr(owner, leaf)
+        setattr(owner, leaf, make(original))
+        return [(owner, leaf, original)]
+
+    return apply
+
+
+def _with_cuda_type_names(original: Any) -> Any:
+    """Run ``original`` while CPU tensors report CUDA type names (see cpu_shims)."""
+    func = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with cpu_tensors_report_cuda_types():
+            return func(*args, **kwargs)
+
+    return type(original)(wrapper) if isinstance(original, (staticmethod, classmethod)) else wrapper
+
+
+def _silence_cpu_rng_warning() -> list:
+    """Forking the tracker on CPU swaps the CPU generator itself, so megatron's warning that the
+    CPU RNG changed inside a fork is expected there and only noise."""
+    log = logging.getLogger(_MC + "tensor_parallel.random")
+    undo = [(log, "filters", list(log.filters))]
+    log.addFilter(lambda record: "CPU RNG state changed" not in record.getMessage())
+    return undo
+
+
+class _MissingIsNone(dict):
+    def __missing__(self, key: str) -> None:
+        return None
+
+
+def _tolerate_missing_step(original: Any) -> Any:
+    # Stock code indexes the loaded tensors with every key of the live torch-Adam state,
+    # which includes "step"; the fully_reshardable format does not store it per parameter.
+    @functools.wraps(original)
+    def wrapper(self: Any, model_param: Any, tensors: dict) -> Any:
+        return original(self, model_param, _MissingIsNone(tensors))
+
+    return wrapper
+
+
+def _cpu_rng_get(original: Any) -> Any:
+    def get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
+        return torch.get_rng_state()
+
+    return get_state
+
+
+def _cpu_rng_set(original: Any) -> Any:
+    # Stock code defers the set through torch.cuda._lazy_call, which on a CPU build queues it
+    # forever: the state would silently never be restored.
+    def set_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+        torch.set_rng_state(new_state)
+
+    return set_state
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch(
+        name="rng_tracker",
+        reason="CudaRNGStatesTracker reads/sets the CUDA RNG (AssertionError: Torch not compiled "
+        "with CUDA enabled); on CPU the tracked generator is the CPU default generator.",
+        platforms=CPU,
+        apply=lambda: (
+            _rebind_torch(_MC + "tensor_parallel.random")()
+            + _replace(_MC + "tensor_parallel.random", "_get_cuda_rng_state", _cpu_rng_get)()
+            + _replace(_MC + "tensor_parallel.random", "_set_cuda_rng_state", _cpu_rng_set)()
+            + _silence_cpu_rng_warning()
+        ),
+        test="test_rng_tracker",
+    ),
+    Patch(
+        name="model_device_allocations",
+        reason="Model code allocates with torch.cuda.current_device() / device='cuda' (RoPE, "
+        "global memory buffer, TP mappings and layers, attention masks, MoE router).",
+        platforms=CPU,
+        apply=_rebind_torch(
+            _MC + "models.common.embeddings.rotary_pos_embedding",
+            _MC + "utils",
+            _MC + "tensor_parallel.mappings",
+            _MC + "tensor_parallel.layers",
+            _MC + "transformer.utils",
+            _MC + "transformer.dot_product_attention",
+            _MC + "transformer.moe.router",
+            _MC + "transformer.moe.moe_utils",
+        ),
+        test="test_model_device_allocations",
+    ),
+    Patch(
+        name="moe_alltoall_dispatcher",
+        reason="MoEAlltoAllTokenDispatcher creates a torch.cuda.Stream and does its "
+        "device-to-host copy of the split sizes on it.",
+        platforms=CPU,
+        apply=_rebind_torch(_MC + "transformer.moe.token_dispatcher"),
+        test="test_moe_alltoall_dispatcher",
+    ),
+    Patch(
+        name="pipeline_schedules",
+        reason="Schedules allocate the token counter with device='cuda'; p2p calls "
+        "torch.cuda.synchronize() and allocates shape buffers on the current CUDA device.",
+        platforms=CPU,
+        apply=_rebind_torch(
+            _MC + "pipeline_parallel.schedules", _MC + "pipeline_parallel.p2p_communication"
+        ),
+        test="test_pipeline_schedules",
+    ),
+    Patch(
+        name="ddp_and_optimizer_devices",
+        reason="DDP buffers, grad-norm and clipping allocate on CUDA and use CUDA streams.",
+        platforms=CPU,
+        apply=_rebind_torch(
+            _MC + "distributed.param_and_grad_buffer",
+            _MC + "distributed.distributed_data_parallel",
+            _MC + "optimizer.optimizer",
+            _MC + "optimizer.distrib_optimizer",
+            _MC + "optimizer.clip_grads",
+        ),
+        test="test_ddp_and_optimizer",
+    ),
+    Patch(
+        name="optimizer_cuda_type_checks",
+        reason="The optimizers accept only tensors whose type() is torch.cuda.*Tensor "
+        "(TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor...; "
+        "assert param.grad.type() == 'torch.cuda.FloatTensor' in clipping).",
+        platforms=CPU,
+        apply=lambda: (
+            _replace(_MC + "optimizer.distrib_optimizer",
+                     "DistributedOptimizer._build_model_and_main_param_groups",
+                     _with_cuda_type_names)()
+            + _replace(_MC + "optimizer.optimizer",
+                       "Float16OptimizerWithFloat16Params.__init__", _with_cuda_type_names)()
+            + _replace(_MC + "optimizer.clip_grads", "clip_grad_by_total_norm_fp32",
+                       _with_cuda_type_names)()
+            + _replace(_MC + "optimizer.optimizer", "clip_grad_by_total_norm_fp32",
+                       _with_cuda_type_names)()
+        ),
+        test="test_ddp_and_optimizer",
+    ),
+    Patch(
+        name="dist_checkpointing_devices",
+        reason="dist_checkpointing synchronizes CUDA and gathers through CUDA tensors.",
+        platforms=CPU,
+        apply=_rebind_torch(
+            _MC + "dist_checkpointing.strategies.filesystem_async",
+            _MC + "dist_checkpointing.strategies.fully_parallel",
+            _MC + "dist_checkpointing.strategies.async_utils",
+            _MC + "dist_checkpointing.exchange_utils",
+            _MC + "dist_checkpointing.tensor_aware_state_dict",
+        ),
+        test="test_dist_checkpointing",
+    ),
+    Patch(
+        name="distopt_load_missing_step",
+        reason="Upstream bug without Apex/TE: loading a fully_reshardable optimizer state "
+        "raises KeyError: 'step' in DistributedOptimizer._set_main_param_and_optimizer_states.",
+        platforms=ALL,
+        apply=_replace(_MC + "optimizer.distrib_optimizer",
+                       "DistributedOptimizer._set_main_param_and_optimizer_states",
+                       _tolerate_missing_step),
+        test="test_distopt_load_missing_step",
+    ),
+)
+
+_applied: list[tuple[str, list[tuple[Any, str, Any]]]] = []
+
+
+def patches_for(platform_vendor: str) -> list[Patch]:
+    return [p for p in PATCHES if platform_vendor in p.platforms]
+
+
+def apply_patches(names: list[str] | None = None, vendor: str = "cpu") -> list[str]:
+    """Apply the named entries (default: all for ``vendor``); already-applied ones are skipped."""
+    done = {name for name, _ in _applied}
+    chosen = [p for p in patches_for(vendor) if names is None or p.name in names]
+    for patch in chosen:
+        if patch.name in done:
+            continue
+        _applied.append((patch.name, patch.apply()))
+        logger.debug("applied megatron-core shim %s: %s", patch.name, patch.reason)
+    return [p.name for p in chosen]
+
+
+def revert_patches(names: list[str] | None = None) -> None:
+    """Undo applied entries (all by default), newest first."""
+    for name, undo in reversed(list(_applied)):
+        if names is not None and name not in names:
+            continue
+        for owner, attr, original in reversed(undo):
+            setattr(owner, attr, original)
+        _applied.remove((name, undo))
+
+
+def applied_patches() -> list[str]:
+    return [name for name, _ in _applied]

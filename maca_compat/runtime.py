@@ -1,0 +1,30 @@
+"""``setup(platform)``: the one explicit call that prepares a process for a platform."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from maca_compat.comm import apply_comm_env
+from maca_compat.patches import apply_patches
+from maca_compat.platform import Platform
+
+logger = logging.getLogger("sbtrain.maca_compat")
+
+
+def setup(platform: Platform) -> list[str]:
+    """Apply the megatron-core shims ``platform`` needs and its communication environment.
+
+    Returns the names of the applied shim entries. Safe to call more than once.
+    """
+    # mcore wraps several fusions in torch.compile; on a CPU the first compile of a hybrid
+    # layer costs ~15 s per process for no gain at test sizes.
+    if platform.vendor == "cpu" and os.environ.get("TORCH_COMPILE_DISABLE", "1") == "1":
+        import torch._dynamo
+
+        os.environ["TORCH_COMPILE_DISABLE"] = "1"
+        torch._dynamo.config.disable = True
+    applied = apply_patches(vendor=platform.vendor)
+    apply_comm_env(platform)
+    logger.info("platform %s (%s): shims %s", platform.vendor, platform.device_name, applied)
+    return applied

@@ -1,0 +1,1 @@
+"""Parallel glue: process groups, data sharding over DP, model-state initialisation."""

@@ -1,0 +1,155 @@
+"""Megatron dist_checkpointing save/resume: resharding-safe, atomic, exact.
+
+Layout of a save directory::
+
+    save_dir/iter_0000010/      a complete dist_checkpointing directory
+    save_dir/latest             "10", written last (atomically) once every rank has finished
+
+A save is written to ``iter_XXXXXXX.partial`` and renamed only after every rank's shards are on
+disk, so a crash mid-save leaves a ``.partial`` directory that nothing points at or loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# The default distributed-optimizer format ("fully_sharded_model_space") raises on save in
+# megatron-core 0.19.2; "fully_reshardable" saves and loads under any DP/TP/PP layout.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+LATEST = "latest"
+
+
+def checkpoint_dir(save_dir: str | Path, step: int) -> Path:
+    return Path(save_dir) / f"iter_{step:07d}"
+
+
+def latest_step(load_dir: str | Path) -> int | None:
+    """The step of the newest complete checkpoint in ``load_dir``, or None."""
+    marker = Path(load_dir) / LATEST
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit() or not checkpoint_dir(load_dir, int(text)).is_dir():
+        raise RuntimeError(f"{marker} names step {text!r}, which has no complete checkpoint dir")
+    return int(text)
+
+
+def _state_dict(model, optimizer, scheduler, step: int, is_loading: bool) -> dict:
+    model_sd = model.sharded_state_dict()
+    state = {"model": model_sd, "step": step}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+        )
+        state["scheduler"] = scheduler.state_dict()
+    return state
+
+
+def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler,
+                    keep_last: int = 0) -> Path:
+    """Save model, optimizer and scheduler at ``step``; returns the final directory."""
+    from megatron.core import dist_checkpointing
+
+    final = checkpoint_dir(save_dir, step)
+    partial = final.with_name(final.name + ".partial")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    state = _state_dict(model, optimizer, scheduler, step, is_loading=False)
+    dist_checkpointing.save(state, str(partial), validate_access_integrity=True)
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_atomic(Path(save_dir) / LATEST, str(step))
+        _prune(Path(save_dir), keep_last)
+    dist.barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(save_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    complete = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and p.suffix != ".partial")
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, step: int | None = None) -> int:
+    """Load the checkpoint at ``step`` (default: latest) in place; returns its step.
+
+    ``optimizer=None`` loads weights only.
+    """
+    from megatron.core import dist_checkpointing
+
+    step = latest_step(load_dir) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {load_dir} (missing '{LATEST}')")
+    directory = checkpoint_dir(load_dir, step)
+    if optimizer is not None:
+        materialize_optimizer_state(optimizer)
+    state = _state_dict(model, optimizer, scheduler, step, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(directory))
+    model.load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+        unshare_adam_step(optimizer)
+        scheduler.load_state_dict(loaded["scheduler"])
+    return int(loaded["step"])
+
+
+def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [opt.optimizer for opt in chained if getattr(opt, "optimizer", None) is not None]
+
+
+def materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh torch Adam zero state so megatron can build its load state dict.
+
+    Upstream (0.19.2, no Apex/TE): ``DistributedOptimizer.state_dict()`` asserts exactly one
+    distinct ``step`` among the states, which fails while the torch optimizer has none yet.
+    """
+    for opt in _torch_optimizers(optimizer):
+        for group in opt.param_groups:
+            for param in group["params"]:
+                if opt.state.get(param):
+                    continue
+                opt.state[param] = {
+                    "step": torch.zeros((), dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(param),
+                    "exp_avg_sq": torch.zeros_like(param),
+                }
+
+
+def unshare_adam_step(optimizer) -> int:
+    """Give every parameter its own Adam ``step`` tensor; returns how many were shared.
+
+    Upstream bug (0.19.2, no Apex/TE): ``DistributedOptimizer.load_state_dict`` assigns ONE
+    step tensor to every parameter's state; torch Adam increments it in place once per
+    parameter, so the bias correction after resume is wrong. Cloning restores independence.
+    """
+    shared = 0
+    for opt in _torch_optimizers(optimizer):
+        seen: set[int] = set()
+        for state in opt.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    shared += 1
+                state["step"] = step.clone()
+                seen.add(id(step))
+    return shared

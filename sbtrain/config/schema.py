@@ -1,0 +1,262 @@
+"""Typed run configuration: one small dataclass per component.
+
+Every section validates itself in ``__post_init__``; rules that span sections live in
+``sbtrain.config.validate``. YAML is mapped onto these classes strictly by
+``sbtrain.config.load`` (unknown keys and wrong types are errors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sbtrain.config.errors import ConfigError
+
+# One layer = a mixer symbol followed by an FFN symbol, e.g. "*-" (attention + dense MLP).
+MIXER_SYMBOLS = {
+    "*": "full causal softmax attention",
+    "W": "sliding-window softmax attention",
+    "L": "gated linear attention (GLA)",
+    "H": "intra-layer parallel hybrid: linear + sliding-window attention",
+    "F": "intra-layer parallel hybrid: linear + full attention",
+}
+FFN_SYMBOLS = {"-": "dense SwiGLU MLP", "E": "mixture of experts"}
+PIPE_SYMBOL = "|"
+
+
+def parse_pattern(pattern: str) -> list[tuple[str, str]]:
+    """Split a layer pattern such as ``"L-W-|L-WE"`` into (mixer, ffn) pairs.
+
+    Whitespace and ``|`` (an explicit pipeline cut, accepted for readability and checked
+    against the even split) are ignored for the layer list.
+    """
+    symbols = [c for c in pattern if not c.isspace() and c != PIPE_SYMBOL]
+    if len(symbols) % 2:
+        raise ValueError(f"pattern {pattern!r} has an odd number of symbols; each layer is a pair")
+    layers = []
+    for i in range(0, len(symbols), 2):
+        mixer, ffn = symbols[i], symbols[i + 1]
+        if mixer not in MIXER_SYMBOLS:
+            raise ValueError(f"unknown mixer symbol {mixer!r} in pattern; known: {MIXER_SYMBOLS}")
+        if ffn not in FFN_SYMBOLS:
+            raise ValueError(f"unknown FFN symbol {ffn!r} in pattern; known: {FFN_SYMBOLS}")
+        layers.append((mixer, ffn))
+    return layers
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts settings, used by layers whose FFN symbol is ``E``."""
+
+    num_experts: int = 4
+    """Routed experts per MoE layer."""
+    top_k: int = 1
+    """Experts chosen per token."""
+    shared_expert: bool = True
+    """Add one always-on shared expert of the FFN's width."""
+    expert_ffn_hidden_size: int = 0
+    """Width of each routed expert; 0 means the model's ffn_hidden_size (copy upcycling)."""
+    aux_loss_coeff: float = 1e-2
+    """Load-balancing auxiliary loss coefficient."""
+    dispatcher: str = "alltoall"
+    """Token dispatcher: ``alltoall`` or ``allgather``."""
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"need 1 <= top_k <= num_experts, got {self.top_k}/{self.num_experts}",
+                              key="moe.top_k")
+        if self.dispatcher not in ("alltoall", "allgather"):
+            raise ConfigError(f"unknown dispatcher {self.dispatcher!r}", key="moe.dispatcher")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Sizes follow Megatron naming; the layer layout is one pattern string."""
+
+    pattern: str = "*-*-"
+    """Layer layout, a pair of symbols per layer (mixer then FFN); see MIXER_SYMBOLS/FFN_SYMBOLS."""
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    """Key/value heads (GQA groups)."""
+    head_dim: int = 0
+    """Per-head width; 0 means hidden_size / num_attention_heads."""
+    ffn_hidden_size: int = 128
+    vocab_size: int = 256
+    max_position_embeddings: int = 4096
+    rope_theta: float = 1_000_000.0
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    """Biases on q/k/v projections (Qwen2 has them)."""
+    untie_embeddings: bool = True
+    init_method_std: float = 0.02
+    sliding_window: int = 4096
+    """Previous tokens each query sees in ``W``/``H`` mixers (plus itself)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            layers = parse_pattern(self.pattern)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="model.pattern") from None
+        if not layers:
+            raise ConfigError("pattern describes no layers", key="model.pattern")
+        if self.hidden_size % self.num_attention_heads and not self.head_dim:
+            raise ConfigError("hidden_size must divide by num_attention_heads (or set head_dim)",
+                              key="model.num_attention_heads")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError("num_attention_heads must divide by num_query_groups",
+                              key="model.num_query_groups")
+
+    @property
+    def layers(self) -> list[tuple[str, str]]:
+        return parse_pattern(self.pattern)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_moe(self) -> bool:
+        return any(ffn == "E" for _, ffn in self.layers)
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel sizes. World size must equal dp * pp * tp * sp; ep is carved out of dp * sp."""
+
+    dp: int = 0
+    """Data-parallel size; 0 means world_size / (pp * tp * sp)."""
+    pp: int = 1
+    tp: int = 1
+    ep: int = 1
+    sp: int = 1
+    """Sequence (context) parallel size: Megatron's context_parallel_size."""
+    sequence_parallel: bool = False
+    """Megatron's TP sequence parallelism (shard activations over TP); needed for MoE with TP."""
+
+    def __post_init__(self) -> None:
+        for name in ("pp", "tp", "ep", "sp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", key=f"parallel.{name}")
+        if self.dp < 0:
+            raise ConfigError("must be >= 0 (0 = infer from world size)", key="parallel.dp")
+
+    def resolved_dp(self, world_size: int) -> int:
+        return self.dp or world_size // (self.pp * self.tp * self.sp)
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch sizes and precision."""
+
+    seq_length: int = 64
+    micro_batch_size: int = 2
+    global_batch_size: int = 4
+    """Samples per optimizer step, across all data-parallel ranks (gradient accumulation fills it)."""
+    train_iters: int = 10
+    eval_interval: int = 0
+    """Run evaluation every this many steps; 0 disables."""
+    eval_iters: int = 2
+    log_interval: int = 1
+    seed: int = 1234
+    precision: str = "auto"
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
+    recompute: bool = False
+    """Full activation recomputation of every layer."""
+    run_dir: str = "runs/default"
+    """Where metrics.jsonl, the resolved config and the profile summary go."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"unknown precision {self.precision!r}", key="train.precision")
+        for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be >= 1", key=f"train.{name}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_iters: int = 2
+    decay_iters: int = 0
+    """Steps of cosine decay after warm-up; 0 means train_iters."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError("need 0 <= min_lr <= lr and lr > 0", key="optim.lr")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    kind: str = "synthetic"
+    """``synthetic`` (random tokens, for tests and benchmarks) or ``indexed`` (Megatron .bin/.idx)."""
+    paths: list[str] = field(default_factory=list)
+    """Indexed dataset prefixes (path without .bin/.idx)."""
+    weights: list[float] = field(default_factory=list)
+    """Blend weights, one per path; empty means equal."""
+    split: str = "98,2,0"
+    """Train/valid/test split of each dataset, Megatron style."""
+    tokenizer: str = ""
+    """Local tokenizer file (tokenizer.json) or directory; needed for ``indexed`` data."""
+    cache_dir: str = ""
+    """Where GPTDataset index caches go; empty means beside the run directory."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("synthetic", "indexed"):
+            raise ConfigError(f"unknown data kind {self.kind!r}", key="data.kind")
+        if self.weights and len(self.weights) != len(self.paths):
+            raise ConfigError("need one weight per path", key="data.weights")
+
+
+@dataclass
+class CheckpointConfig:
+    """Megatron dist_checkpointing save and resume."""
+
+    save_dir: str = ""
+    """Empty disables saving."""
+    save_interval: int = 0
+    """Save every this many steps (and at the end); 0 saves only at the end when save_dir is set."""
+    load_dir: str = ""
+    """Resume from the latest checkpoint here; empty means save_dir if it has one."""
+    load_optimizer: bool = True
+    """Restore optimizer and scheduler state (False: weights only, a fresh optimizer)."""
+    keep_last: int = 0
+    """Delete older checkpoints beyond this many; 0 keeps all."""
+
+
+@dataclass
+class ProfilerConfig:
+    """MFU/TGS accounting."""
+
+    peak_flops: float = 0.0
+    """Dense bf16 peak per device in FLOP/s; 0 means the platform's table value."""
+    summary_file: str = "profile.json"
+    """Written into the run directory at the end of training."""
+
+
+@dataclass
+class RunConfig:
+    """The whole run: one section per component."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)

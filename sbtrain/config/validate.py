@@ -1,0 +1,64 @@
+"""Rules that span sections; each raises ConfigError naming one key."""
+
+from __future__ import annotations
+
+from sbtrain.config.errors import ConfigError
+from sbtrain.config.schema import RunConfig
+
+
+def validate(cfg: RunConfig, world_size: int, source: str = "") -> None:
+    """Check ``cfg`` against itself and the launch's world size."""
+    try:
+        _check_parallel(cfg, world_size)
+        _check_batch(cfg, world_size)
+        _check_model(cfg)
+    except ConfigError as exc:
+        raise exc.with_source(source) if source else exc from None
+
+
+def _check_parallel(cfg: RunConfig, world_size: int) -> None:
+    p = cfg.parallel
+    model_parallel = p.pp * p.tp * p.sp
+    if world_size % model_parallel:
+        raise ConfigError(f"world size {world_size} is not divisible by pp*tp*sp = {model_parallel}",
+                          key="parallel")
+    dp = p.resolved_dp(world_size)
+    if dp * model_parallel != world_size:
+        raise ConfigError(f"dp*pp*tp*sp = {dp}*{p.pp}*{p.tp}*{p.sp} = {dp * model_parallel} "
+                          f"but the world size is {world_size}", key="parallel.dp")
+    if (dp * p.sp) % p.ep:
+        raise ConfigError(f"ep={p.ep} must divide dp*sp = {dp * p.sp}", key="parallel.ep")
+    if p.ep > 1 and not cfg.model.has_moe:
+        raise ConfigError("ep > 1 but model.pattern has no MoE ('E') layer", key="parallel.ep")
+    if p.ep > 1 and cfg.model.moe.num_experts % p.ep:
+        raise ConfigError(f"num_experts={cfg.model.moe.num_experts} must divide by ep={p.ep}",
+                          key="model.moe.num_experts")
+    if cfg.model.num_layers % p.pp:
+        raise ConfigError(f"{cfg.model.num_layers} layers do not split evenly over pp={p.pp}",
+                          key="parallel.pp")
+    if cfg.model.num_query_groups % p.tp or cfg.model.num_attention_heads % p.tp:
+        raise ConfigError(f"attention heads and query groups must divide by tp={p.tp}",
+                          key="parallel.tp")
+    if p.tp > 1 and cfg.model.has_moe and not p.sequence_parallel:
+        raise ConfigError("MoE with tp > 1 needs sequence_parallel: true", key="parallel.sequence_parallel")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("sequence_parallel needs tp > 1", key="parallel.sequence_parallel")
+    if p.sp > 1 and cfg.train.seq_length % (2 * p.sp):
+        raise ConfigError(f"seq_length must divide by 2*sp = {2 * p.sp}", key="train.seq_length")
+
+
+def _check_batch(cfg: RunConfig, world_size: int) -> None:
+    dp = cfg.parallel.resolved_dp(world_size)
+    per_step = cfg.train.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(f"global_batch_size {cfg.train.global_batch_size} is not a multiple of "
+                          f"micro_batch_size*dp = {per_step}", key="train.global_batch_size")
+
+
+def _check_model(cfg: RunConfig) -> None:
+    if cfg.train.seq_length > cfg.model.max_position_embeddings:
+        raise ConfigError("seq_length exceeds model.max_position_embeddings", key="train.seq_length")
+    if cfg.data.kind == "indexed" and not cfg.data.paths:
+        raise ConfigError("indexed data needs at least one path", key="data.paths")
+    if cfg.data.kind == "indexed" and not cfg.data.tokenizer:
+        raise ConfigError("indexed data needs a tokenizer", key="data.tokenizer")

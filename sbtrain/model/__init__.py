@@ -1,0 +1,1 @@
+"""Model construction: YAML ModelConfig -> Megatron TransformerConfig + per-layer ModuleSpecs."""

@@ -1,0 +1,43 @@
+"""Build the model chunk of this pipeline stage from a RunConfig."""
+
+from __future__ import annotations
+
+import torch
+
+from sbtrain.config.schema import RunConfig
+from sbtrain.model.layer_specs import build_layer_specs
+from sbtrain.model.megatron_config import to_megatron_config
+
+
+def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device: torch.device):
+    """Return (GPTModel of this pipeline stage, TransformerConfig).
+
+    Layers are split evenly over pipeline stages; the stage is read from ``pg_collection.pp``.
+    """
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    config = to_megatron_config(cfg, params_dtype)
+    pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
+    offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, pp_rank=pp_rank)
+    specs = build_layer_specs(cfg.model)[offset: offset + count]
+    block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=WrappedTorchNorm)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=cfg.model.vocab_size,
+        max_sequence_length=cfg.model.max_position_embeddings,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp_size - 1,
+        share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.model.rope_theta),
+        pg_collection=pg_collection,
+    )
+    return model.to(device), config

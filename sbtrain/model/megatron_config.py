@@ -1,0 +1,74 @@
+"""The one adapter from sbtrain's config sections to Megatron's TransformerConfig."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sbtrain.config.schema import RunConfig
+
+
+def to_megatron_config(cfg: RunConfig, params_dtype: torch.dtype):
+    """Map ``cfg`` onto a megatron ``TransformerConfig``; the rest of sbtrain reads only ours."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, p = cfg.model, cfg.parallel
+    moe = _moe_fields(cfg) if m.has_moe else {}
+    recompute = (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if cfg.train.recompute else {}
+    )
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        # Fusions need apex/TE or CUDA kernels; the plain paths are exact and portable.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        expert_model_parallel_size=p.ep,
+        context_parallel_size=p.sp,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        # Upstream bug: batched p2p with pp=2 on gloo swaps send_prev/send_next messages.
+        batch_p2p_comm=False,
+        **moe,
+        **recompute,
+    )
+
+
+def _moe_fields(cfg: RunConfig) -> dict:
+    m = cfg.model
+    moe = m.moe
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.top_k,
+        moe_ffn_hidden_size=moe.expert_ffn_hidden_size or m.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=m.ffn_hidden_size if moe.shared_expert else None,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_token_dispatcher_type=moe.dispatcher,
+        # Top-1 routing needs the softmax before top-k, else every routed weight is 1.0.
+        moe_router_pre_softmax=moe.top_k == 1,
+        moe_grouped_gemm=False,
+        moe_layer_freq=[1 if ffn == "E" else 0 for _, ffn in m.layers],
+    )

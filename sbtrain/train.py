@@ -1,0 +1,42 @@
+"""``torchrun --nproc_per_node=N -m sbtrain.train CONFIG [--set a.b=c ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sbtrain.config import ConfigError, load_config
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run configuration (YAML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sbtrain train", description=__doc__)
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from parallel.groups import destroy_parallel_groups
+    from sbtrain.trainer import Trainer
+
+    trainer = Trainer(cfg, source=args.config)
+    try:
+        trainer.setup()
+        trainer.train()
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_parallel_groups()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

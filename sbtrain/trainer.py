@@ -1,0 +1,173 @@
+"""The training loop: groups -> model -> DDP + distributed optimizer -> 1F1B schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sbtrain.config import RunConfig, dump_config
+from sbtrain.trainer_setup import TrainState, build_train_state
+
+logger = logging.getLogger("sbtrain.train")
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss, batch["loss_mask"])
+
+
+def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.to(per_token_loss.device).float().view(-1)
+    loss = (per_token_loss.float().view(-1) * mask).sum() / mask.sum().clamp(min=1)
+    # clone: the schedule divides the returned loss by the micro-batch count in place.
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+class Trainer:
+    """Runs one training job described by a RunConfig (see ``sbtrain train``)."""
+
+    def __init__(self, cfg: RunConfig, source: str = "") -> None:
+        self.cfg, self.source = cfg, source
+        self.state: TrainState | None = None
+
+    def setup(self) -> TrainState:
+        self.state = build_train_state(self.cfg, self.source)
+        if self.state.is_logging_rank:
+            run_dir = Path(self.cfg.train.run_dir)
+            dump_config(self.cfg, run_dir / "resolved_config.yaml")
+        return self.state
+
+    def _device_batches(self, step: int, split: str):
+        s, t = self.state, self.cfg.train
+        dataset = s.train_ds if split == "train" else s.valid_ds
+        from parallel.data import microbatches
+
+        for batch in microbatches(dataset, step, t.global_batch_size, t.micro_batch_size,
+                                  s.groups.dp_rank, s.groups.dp_size):
+            yield {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
+
+    def _run_schedule(self, step: int, split: str, forward_only: bool) -> float:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        s, t = self.state, self.cfg.train
+        num_micro = t.global_batch_size // (t.micro_batch_size * s.groups.dp_size)
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=self._device_batches(step, split),
+            model=[s.model],
+            num_microbatches=num_micro,
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=forward_only,
+        )
+        return self._reduce_loss(losses)
+
+    def _reduce_loss(self, losses: list[dict]) -> float:
+        """Mean micro-batch loss over the global batch, known on every rank."""
+        s = self.state
+        pgc = s.groups.pg_collection
+        local = torch.zeros(2, dtype=torch.float64)
+        if s.groups.is_last_stage and losses:
+            local[0] = sum(float(x["lm loss"]) for x in losses)
+            local[1] = len(losses)
+        # Only the last stage has losses: summing over pp broadcasts them; then over dp.
+        for group in (pgc.pp, pgc.dp):
+            buf = local.to(s.device)
+            dist.all_reduce(buf, group=group)
+            local = buf.cpu()
+        return float(local[0] / local[1])
+
+    def train_step(self, step: int) -> dict:
+        s = self.state
+        s.model.zero_grad_buffer()
+        s.optimizer.zero_grad()
+        with s.tracker.section("forward_backward"):
+            loss = self._run_schedule(step, "train", forward_only=False)
+        with s.tracker.section("optimizer"):
+            _, grad_norm, _ = s.optimizer.step()
+            s.scheduler.step(increment=1)
+        return {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                "lr": s.optimizer.param_groups[0]["lr"]}
+
+    def evaluate(self, step: int) -> float:
+        s = self.state
+        s.model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for i in range(self.cfg.train.eval_iters):
+                total += self._run_schedule(step * self.cfg.train.eval_iters + i, "valid",
+                                            forward_only=True)
+        s.model.train()
+        return total / self.cfg.train.eval_iters
+
+    def train(self) -> list[dict]:
+        """Train from the resumed step to ``train.train_iters``; returns the per-step records."""
+        s = self.state or self.setup()
+        t, ck = self.cfg.train, self.cfg.checkpoint
+        records = []
+        tokens_per_step = t.global_batch_size * t.seq_length
+        for step in range(s.start_step, t.train_iters):
+            s.tracker.start_step()
+            record = self.train_step(step)
+            stats = s.tracker.end_step(tokens_per_step)
+            record.update(step=step + 1, **_stats_fields(stats))
+            if t.eval_interval and (step + 1) % t.eval_interval == 0:
+                record["eval_loss"] = self.evaluate(step)
+            records.append(record)
+            self._log(record, stats)
+            if ck.save_dir and ck.save_interval and (step + 1) % ck.save_interval == 0:
+                self.save(step + 1)
+        if ck.save_dir and (not records or records[-1]["step"] % max(ck.save_interval, 1)):
+            self.save(t.train_iters)
+        self._write_summary()
+        return records
+
+    def save(self, step: int) -> None:
+        from sbtrain.checkpoint import save_checkpoint
+
+        s = self.state
+        path = save_checkpoint(self.cfg.checkpoint.save_dir, step, s.model, s.optimizer,
+                               s.scheduler, keep_last=self.cfg.checkpoint.keep_last)
+        if s.is_logging_rank:
+            print(f"saved checkpoint {path}", flush=True)
+
+    def _log(self, record: dict, stats) -> None:
+        s = self.state
+        if not s.is_logging_rank:
+            return
+        if (record["step"] % self.cfg.train.log_interval == 0
+                or record["step"] == self.cfg.train.train_iters):
+            stats = dataclasses.replace(stats, step=record["step"])
+            line = s.tracker.format_step(stats, total_steps=self.cfg.train.train_iters,
+                                         loss=record["loss"], lr=record["lr"],
+                                         grad_norm=record["grad_norm"])
+            if "eval_loss" in record:
+                line += f" | eval {record['eval_loss']:.4f}"
+            print(line, flush=True)
+        with open(Path(self.cfg.train.run_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _write_summary(self) -> None:
+        s = self.state
+        if s.is_logging_rank:
+            path = Path(self.cfg.train.run_dir) / self.cfg.profiler.summary_file
+            s.tracker.write_summary(path)
+            print(f"profile summary: {path}", flush=True)
+
+
+def _stats_fields(stats) -> dict:
+    return {
+        "step_time_s": stats.step_time_s,
+        "tokens_per_s": stats.tokens_per_s,
+        "tgs": stats.tgs,
+        "mfu": stats.mfu,
+        "peak_mem_gib": stats.peak_memory_gib,
+    }

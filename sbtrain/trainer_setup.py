@@ -1,0 +1,165 @@
+"""Everything the loop needs, built in one documented order from a RunConfig.
+
+platform + shims -> process groups -> seeds -> model (layout-invariant init) -> bf16 wrap ->
+Megatron DDP -> distributed optimizer + LR schedule -> datasets -> resume -> profiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from sbtrain.config import RunConfig, validate
+
+
+@dataclasses.dataclass
+class TrainState:
+    cfg: RunConfig
+    platform: object
+    groups: object
+    device: torch.device
+    model: object
+    optimizer: object
+    scheduler: object
+    train_ds: object
+    valid_ds: object
+    tracker: object
+    start_step: int
+    params_dtype: torch.dtype
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.groups.rank == self.groups.world_size - 1
+
+
+def resolve_dtype(precision: str, platform) -> torch.dtype:
+    if precision == "bf16" or (precision == "auto" and platform.is_gpu):
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_train_state(cfg: RunConfig, source: str = "") -> TrainState:
+    from maca_compat.platform import get_platform
+    from maca_compat.runtime import setup as setup_platform
+    from parallel.groups import init_parallel_groups, init_process_group
+
+    platform = get_platform()
+    setup_platform(platform)
+    _, world, local_rank = init_process_group(platform.comm_backend, platform.device_type)
+    validate(cfg, world, source)
+    p = cfg.parallel
+    groups = init_parallel_groups(p.tp, p.pp, p.sp, p.ep, local_rank)
+    device = platform.device(local_rank)
+    _seed(cfg.train.seed)
+    dtype = resolve_dtype(cfg.train.precision, platform)
+    model, tconfig = _build_wrapped_model(cfg, groups, dtype, device)
+    optimizer, scheduler = _build_optimizer(cfg, model, groups, dtype)
+    _wire_schedule_hooks(tconfig, model, optimizer, groups)
+    train_ds, valid_ds = _build_data(cfg, groups)
+    start = _maybe_resume(cfg, model, optimizer, scheduler)
+    tracker = _build_tracker(cfg, platform, groups)
+    Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
+    return TrainState(cfg, platform, groups, device, model, optimizer, scheduler, train_ds,
+                      valid_ds, tracker, start, dtype)
+
+
+def _seed(seed: int) -> None:
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def _build_wrapped_model(cfg: RunConfig, groups, dtype: torch.dtype, device: torch.device):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from parallel.init import init_parameters_globally
+    from sbtrain.model.builder import build_model
+
+    model, tconfig = build_model(cfg, groups.pg_collection, torch.float32, device)
+    init_parameters_globally(model, cfg.train.seed, cfg.model.init_method_std,
+                             cfg.model.num_layers)
+    if dtype == torch.bfloat16:
+        model = Float16Module(tconfig, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=cfg.optim.distributed_optimizer,
+        overlap_grad_reduce=False,
+    )
+    ddp = DistributedDataParallel(tconfig, ddp_config, module=model,
+                                  pg_collection=groups.pg_collection)
+    return ddp, tconfig
+
+
+def _build_optimizer(cfg: RunConfig, model, groups, dtype: torch.dtype):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o, t = cfg.optim, cfg.train
+    oconfig = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        use_distributed_optimizer=o.distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(oconfig, [model], use_gloo_process_groups=False,
+                                       pg_collection=groups.pg_collection)
+    decay = o.decay_iters or t.train_iters
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_iters, lr_decay_steps=max(decay, o.warmup_iters + 1),
+        lr_decay_style="cosine", start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=t.train_iters, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def _wire_schedule_hooks(tconfig, model, optimizer, groups) -> None:
+    """The hooks Megatron's schedules call: grad-sync control, loss scaling, grad finalize."""
+    from megatron.core.distributed import finalize_model_grads
+
+    tconfig.no_sync_func = model.no_sync
+    tconfig.grad_scale_func = optimizer.scale_loss
+    tconfig.finalize_model_grads_func = partial(finalize_model_grads,
+                                                pg_collection=groups.pg_collection)
+
+
+def _build_data(cfg: RunConfig, groups):
+    from sbtrain.data.datasets import build_datasets
+
+    t = cfg.train
+    train_samples = t.train_iters * t.global_batch_size
+    eval_rounds = (t.train_iters // t.eval_interval) if t.eval_interval else 0
+    valid_samples = max(eval_rounds * t.eval_iters * t.global_batch_size, t.global_batch_size)
+    cache = cfg.data.cache_dir or str(Path(t.run_dir) / "data_cache")
+    return build_datasets(cfg, (train_samples, valid_samples), cache)
+
+
+def _maybe_resume(cfg: RunConfig, model, optimizer, scheduler) -> int:
+    from sbtrain.checkpoint import latest_step, load_checkpoint
+
+    ck = cfg.checkpoint
+    load_dir = ck.load_dir or ck.save_dir
+    if not load_dir or latest_step(load_dir) is None:
+        if ck.load_dir:
+            raise FileNotFoundError(f"checkpoint.load_dir {ck.load_dir} has no complete checkpoint")
+        return 0
+    if ck.load_optimizer:
+        return load_checkpoint(load_dir, model, optimizer, scheduler)
+    load_checkpoint(load_dir, model, None, None)
+    return 0
+
+
+def _build_tracker(cfg: RunConfig, platform, groups):
+    from maca_compat.platform import resolve_peak_flops
+    from sbtrain.profiler.flops import flops_per_token
+    from sbtrain.profiler.tracker import ThroughputTracker
+
+    peak, source = resolve_peak_flops(platform, cfg.profiler.peak_flops)
+    fpt = flops_per_token(cfg.model, cfg.train.seq_length, training=True)["total"]
+    return ThroughputTracker(flops_per_token=fpt, peak_flops_per_device=peak, peak_source=source,
+                             num_devices=groups.world_size, device_type=platform.device_type)
