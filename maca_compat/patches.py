@@ -105,6 +105,18 @@ def _tolerate_missing_step(original: Any) -> Any:
     return wrapper
 
 
+def _splits_as_numpy(original: Any) -> Any:
+    # Stock code turns the all-to-all split sizes into numpy only when they were on a GPU;
+    # gloo's all_to_all_single rejects tensors as split sizes (TypeError).
+    @functools.wraps(original)
+    def move(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    return move
+
+
 def _cpu_rng_get(original: Any) -> Any:
     def get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
         return torch.get_rng_state()
@@ -154,10 +166,15 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         name="moe_alltoall_dispatcher",
-        reason="MoEAlltoAllTokenDispatcher creates a torch.cuda.Stream and does its "
-        "device-to-host copy of the split sizes on it.",
+        reason="MoEAlltoAllTokenDispatcher creates a torch.cuda.Stream for its device-to-host "
+        "copy of the split sizes, and passes them to all_to_all_single as tensors (gloo "
+        "needs lists/arrays: TypeError: all_to_all_single(): incompatible function arguments).",
         platforms=CPU,
-        apply=_rebind_torch(_MC + "transformer.moe.token_dispatcher"),
+        apply=lambda: (
+            _rebind_torch(_MC + "transformer.moe.token_dispatcher")()
+            + _replace(_MC + "transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu",
+                       _splits_as_numpy)()
+        ),
         test="test_moe_alltoall_dispatcher",
     ),
     Patch(

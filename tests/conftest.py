@@ -1,0 +1,10 @@
+"""Suite-wide settings: CPU runs never compile (megatron wraps fusions in torch.compile)."""
+
+import os
+
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+os.environ.setdefault("SB_PLATFORM", "cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA/MACA GPU (run with -m gpu)")

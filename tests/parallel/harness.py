@@ -1,0 +1,73 @@
+"""Launch real training jobs (torchrun, gloo, several CPU processes) and read their metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A tiny model: 4 layers so that pp=2 splits 2/2; MoE layers for the EP layouts.
+TINY = {
+    "model": {"pattern": "*-*-*-*-", "hidden_size": 32, "num_attention_heads": 4,
+              "num_query_groups": 2, "ffn_hidden_size": 64, "vocab_size": 128,
+              "max_position_embeddings": 64,
+              "moe": {"num_experts": 4, "top_k": 1, "shared_expert": True}},
+    "train": {"seq_length": 16, "micro_batch_size": 1, "global_batch_size": 4,
+              "train_iters": 3, "log_interval": 1},
+    "optim": {"lr": 1.0e-3, "min_lr": 1.0e-4, "warmup_iters": 1, "clip_grad": 1.0},
+    "data": {"kind": "synthetic"},
+}
+MOE_PATTERN = "*-*E*-*E"
+
+
+def write_config(tmp: Path, name: str, overrides: dict) -> Path:
+    cfg = json.loads(json.dumps(TINY))
+    for dotted, value in overrides.items():
+        node = cfg
+        *path, leaf = dotted.split(".")
+        for key in path:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    cfg.setdefault("train", {})["run_dir"] = str(tmp / name)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(config: Path, nproc: int, extra: list[str] | None = None, timeout: int = 300,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=nproc -m sbtrain.train config``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "sbtrain.train", str(config)] + (extra or [])
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", SB_PLATFORM="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
+                             f"\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def run(tmp: Path, name: str, nproc: int, overrides: dict, extra: list[str] | None = None):
+    config = write_config(tmp, name, overrides)
+    launch(config, nproc, extra)
+    return metrics(tmp / name)
+
+
+def assert_same_curve(ref: list[dict], got: list[dict], tol: float = 1e-5) -> None:
+    assert [r["step"] for r in ref] == [g["step"] for g in got]
+    for r, g in zip(ref, got):
+        assert abs(r["loss"] - g["loss"]) <= tol, (r["step"], r["loss"], g["loss"])
+        assert abs(r["grad_norm"] - g["grad_norm"]) <= tol * max(1.0, r["grad_norm"]), (
+            r["step"], r["grad_norm"], g["grad_norm"])
