@@ -216,3 +216,22 @@ def cpu_tensors_report_cuda_types():
         yield
     finally:
         torch.Tensor.type = original
+
+
+@contextlib.contextmanager
+def cpu_tensor_cuda_is_identity():
+    """While active, ``t.cuda()`` of a CPU tensor returns ``t`` (the collective runs on gloo).
+
+    Scoped to the wrapped call: megatron's optimizer-state gather moves its send buffer to the
+    GPU before an all-gather that, on the CPU platform, is a gloo collective on CPU tensors.
+    """
+    original = torch.Tensor.cuda
+
+    def to_cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self if self.device.type == "cpu" else original(self, *args, **kwargs)
+
+    torch.Tensor.cuda = to_cuda
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original

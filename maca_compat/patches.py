@@ -18,7 +18,11 @@ from typing import Any
 
 import torch
 
-from maca_compat.cpu_shims import CPU_TORCH, cpu_tensors_report_cuda_types
+from maca_compat.cpu_shims import (
+    CPU_TORCH,
+    cpu_tensor_cuda_is_identity,
+    cpu_tensors_report_cuda_types,
+)
 
 logger = logging.getLogger("sbtrain.maca_compat")
 _MC = "megatron.core."
@@ -115,6 +119,15 @@ def _splits_as_numpy(original: Any) -> Any:
         return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
     return move
+
+
+def _with_cpu_cuda_identity(original: Any) -> Any:
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with cpu_tensor_cuda_is_identity():
+            return original(*args, **kwargs)
+
+    return wrapper
 
 
 def _cpu_rng_get(original: Any) -> Any:
@@ -229,7 +242,18 @@ PATCHES: tuple[Patch, ...] = (
             _MC + "dist_checkpointing.strategies.async_utils",
             _MC + "dist_checkpointing.exchange_utils",
             _MC + "dist_checkpointing.tensor_aware_state_dict",
+            _MC + "dist_checkpointing.strategies.state_dict_saver",
         ),
+        test="test_dist_checkpointing",
+    ),
+    Patch(
+        name="distopt_state_gather_on_cpu",
+        reason="Saving the fully_reshardable optimizer state gathers it over the DP group "
+        "after send_tensor.cuda() (AssertionError: Torch not compiled with CUDA enabled).",
+        platforms=CPU,
+        apply=_replace(_MC + "optimizer.distrib_optimizer",
+                       "DistributedOptimizer.get_parameter_state_dp_zero",
+                       _with_cpu_cuda_identity),
         test="test_dist_checkpointing",
     ),
     Patch(

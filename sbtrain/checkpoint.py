@@ -39,8 +39,16 @@ def latest_step(load_dir: str | Path) -> int | None:
     return int(text)
 
 
+def _unwrap_ddp(model):
+    # DDP's sharded_state_dict prefixes keys with "module." but its load_state_dict forwards
+    # unprefixed, so save and load through the wrapped module itself.
+    from megatron.core.distributed import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def _state_dict(model, optimizer, scheduler, step: int, is_loading: bool) -> dict:
-    model_sd = model.sharded_state_dict()
+    model_sd = _unwrap_ddp(model).sharded_state_dict()
     state = {"model": model_sd, "step": step}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -104,7 +112,7 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, step: int
         materialize_optimizer_state(optimizer)
     state = _state_dict(model, optimizer, scheduler, step, is_loading=True)
     loaded = dist_checkpointing.load(state, str(directory))
-    model.load_state_dict(loaded["model"])
+    _unwrap_ddp(model).load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         unshare_adam_step(optimizer)

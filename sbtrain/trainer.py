@@ -125,8 +125,11 @@ class Trainer:
             self._log(record, stats)
             if ck.save_dir and ck.save_interval and (step + 1) % ck.save_interval == 0:
                 self.save(step + 1)
-        if ck.save_dir and (not records or records[-1]["step"] % max(ck.save_interval, 1)):
-            self.save(t.train_iters)
+            if t.exit_at_step and step + 1 >= t.exit_at_step:
+                break
+        last = records[-1]["step"] if records else s.start_step
+        if ck.save_dir and records and (not ck.save_interval or last % ck.save_interval):
+            self.save(last)
         self._write_summary()
         return records
 

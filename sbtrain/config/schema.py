@@ -162,6 +162,9 @@ class TrainConfig:
     """Run evaluation every this many steps; 0 disables."""
     eval_iters: int = 2
     log_interval: int = 1
+    exit_at_step: int = 0
+    """Stop after this step (saving first when checkpoint.save_dir is set), as an interrupted
+    job would; a relaunch resumes there. 0 runs to train_iters."""
     seed: int = 1234
     precision: str = "auto"
     """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""

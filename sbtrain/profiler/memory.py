@@ -1,0 +1,212 @@
+"""Per-rank memory estimate: parameters, gradients, optimizer states and activations.
+
+Placement (Megatron-Core): the L layers are split evenly over ``parallel.pp`` stages; the
+embedding sits on the first stage, the final norm and lm_head on the last (with tied
+embeddings and pp > 1 the last stage keeps its own copy of the embedding as output weight).
+Projections, dense/shared FFNs and the (vocab-parallel) embedding are split over tp; norms,
+the router and the GLA gate's first low-rank factor are replicated; routed experts are split
+over ep and each expert over tp (Megatron's default expert_tensor_parallel_size = tp).
+
+Bytes per parameter (``precision``; ``auto`` = bf16 unless ``device_type`` is ``cpu``):
+
+- bf16: param 2 + grad 2 (mcore DDP default ``grad_reduce_in_fp32=False``) + optimizer 12
+  (fp32 master copy 4 + Adam m 4 + v 4);
+- fp32: param 4 + grad 4 + optimizer 8 (m, v; the params are their own master copy).
+
+With ``optim.distributed_optimizer`` the optimizer bytes are sharded over the data-parallel
+group: dp * sp for dense parameters, dp * sp / ep for experts (expert-data-parallel group).
+Transient buffers (fp32 main-grad shard, communication buckets), the CUDA context and
+allocator fragmentation are not included: keep a margin of a few GiB.
+
+Activations: see ``activation_elements_per_token``; a micro-batch of b sequences holds
+``S * b / sp`` tokens per rank. Under 1F1B stage i (0-based) holds ``min(pp - i, m)``
+micro-batches in flight (m = micro-batches per step), so the first stage holds pp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sbtrain.config.schema import ModelConfig, RunConfig
+from sbtrain.profiler.counting import EXPERT, REPLICATED, TP, expert_width, layer_blocks
+
+GIB = 1024**3
+GLA_CHUNK = 64
+"""Chunk size of fla's chunk_gla; it saves one d_k x d_v state per chunk and head."""
+LOGITS_EXTRA_BYTES = 4
+"""Megatron's vocab-parallel cross entropy keeps an fp32 copy of the logits for backward."""
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """Bytes per parameter (param, grad, optimizer state) and per activation element."""
+
+    param: float
+    grad: float
+    optimizer: float
+    activation: float
+
+
+def resolve_bytes(precision: str, device_type: str = "cuda", bytes_per_param: float | None = None,
+                  bytes_per_grad: float | None = None) -> Bytes:
+    """Byte sizes for ``precision`` (``auto`` means bf16 on accelerators, fp32 on CPU)."""
+    if precision == "auto":
+        precision = "fp32" if device_type == "cpu" else "bf16"
+    half = precision == "bf16"
+    param = bytes_per_param if bytes_per_param is not None else (2 if half else 4)
+    grad = bytes_per_grad if bytes_per_grad is not None else param
+    # A fp32 master copy exists only when the model params are narrower than fp32.
+    optimizer = 8 + (4 if param < 4 else 0)
+    return Bytes(param=param, grad=grad, optimizer=optimizer, activation=2 if half else 4)
+
+
+def activation_elements_per_token(model: ModelConfig, mixer: str, ffn: str) -> dict[str, float]:
+    """Activation elements one layer stores per token for backward (flash-style attention).
+
+    A generalisation of Korthikanti et al. 2022 ("Reducing Activation Recomputation", 34*s*b*h
+    bytes per GPT layer) to GQA, SwiGLU, no dropout and score-free fused attention (no
+    5*a*s/h term). With q = n_h*d, kv = n_g*d, F_e = expert width:
+
+    - ``common`` (two RMSNorms, input and output each): 4h
+    - mixer projections: q + 2kv (q/k/v outputs), plus
+      ``*``/``W``: q (attention output = o_proj input);
+      ``L``: r + kv (gate factors) + 2q (kernel output, g_norm output) + n_h*d^2/64 (chunk states);
+      ``H``/``F``: q + kv (second feature map of q, k) + 3q (two branch outputs, their normed
+      sum) + n_h*d^2/64;
+    - ``-``: 3F (gate output, up output, their product = down_proj input);
+    - ``E``: E (router) + k*(2h + 3F_e) (permuted input and output, expert FFN) + 3F (shared).
+
+    Returns ``common`` (split over tp only with sequence parallelism) and ``tp_split``.
+    """
+    h, d = model.hidden_size, model.kv_channels
+    q, kv = model.num_attention_heads * d, model.num_query_groups * d
+    states = model.num_attention_heads * d * d / GLA_CHUNK
+    mixer_extra = {
+        "*": q, "W": q,
+        "L": 16 + kv + 2 * q + states,
+        "H": q + kv + 3 * q + states,
+        "F": q + kv + 3 * q + states,
+    }[mixer]
+    if ffn == "-":
+        ffn_elems = 3 * model.ffn_hidden_size
+    else:
+        moe = model.moe
+        ffn_elems = moe.num_experts + moe.top_k * (2 * h + 3 * expert_width(model))
+        ffn_elems += 3 * model.ffn_hidden_size if moe.shared_expert else 0
+    return {"common": 4 * h, "tp_split": q + 2 * kv + mixer_extra + ffn_elems}
+
+
+def stage_layers(cfg: RunConfig) -> list[list[tuple[str, str]]]:
+    """Layers of each pipeline stage: an even split in pattern order."""
+    layers, pp = cfg.model.layers, cfg.parallel.pp
+    return [layers[i * len(layers) // pp:(i + 1) * len(layers) // pp] for i in range(pp)]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def stage_parameters(cfg: RunConfig, stage: int) -> dict[str, int]:
+    """Parameters one rank of ``stage`` holds: ``dense`` (sharded over dp*sp) and ``expert``."""
+    model, p = cfg.model, cfg.parallel
+    by_role = {TP: 0, REPLICATED: 0, EXPERT: 0}
+    for mixer, ffn in stage_layers(cfg)[stage]:
+        for blocks in layer_blocks(model, mixer, ffn).values():
+            for block in blocks:
+                by_role[block.role] += block.total
+    vocab_weights = model.vocab_size * model.hidden_size
+    if stage == 0:
+        by_role[TP] += vocab_weights
+    if stage == p.pp - 1:
+        by_role[REPLICATED] += model.hidden_size
+        if model.untie_embeddings or p.pp > 1:
+            by_role[TP] += vocab_weights
+    dense = _ceil_div(by_role[TP], p.tp) + by_role[REPLICATED]
+    return {"dense": dense, "expert": _ceil_div(by_role[EXPERT], p.ep * p.tp)}
+
+
+def micro_batches_per_step(cfg: RunConfig, dp: int) -> int:
+    return max(1, cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp))
+
+
+def stage_activation_bytes(cfg: RunConfig, stage: int, act_bytes: float) -> tuple[float, float]:
+    """(bytes per in-flight micro-batch, bytes held once) of one rank of ``stage``.
+
+    Without recompute every layer keeps ``activation_elements_per_token``. With full
+    recompute a layer keeps only its input (h per token) and one layer's full set is live
+    while it is recomputed. The last stage adds the logits, S*b/sp * V/tp * (act + 4) bytes,
+    once (its only in-flight micro-batch).
+    """
+    model, p = cfg.model, cfg.parallel
+    tokens = cfg.train.seq_length * cfg.train.micro_batch_size / p.sp
+    common_split = p.tp if p.sequence_parallel else 1
+    per_layer = []
+    for mixer, ffn in stage_layers(cfg)[stage]:
+        elems = activation_elements_per_token(model, mixer, ffn)
+        per_layer.append(elems["common"] / common_split + elems["tp_split"] / p.tp)
+    once = 0.0
+    if cfg.train.recompute:
+        per_microbatch = tokens * len(per_layer) * model.hidden_size / common_split * act_bytes
+        once += tokens * max(per_layer, default=0.0) * act_bytes
+    else:
+        per_microbatch = tokens * sum(per_layer) * act_bytes
+    if stage == p.pp - 1:
+        once += tokens * model.vocab_size / p.tp * (act_bytes + LOGITS_EXTRA_BYTES)
+    return per_microbatch, once
+
+
+def _stage_estimate(cfg: RunConfig, stage: int, dp: int, nbytes: Bytes) -> dict:
+    p = cfg.parallel
+    params = stage_parameters(cfg, stage)
+    count = params["dense"] + params["expert"]
+    dense_shard = dp * p.sp if cfg.optim.distributed_optimizer else 1
+    expert_shard = max(1, dp * p.sp // p.ep) if cfg.optim.distributed_optimizer else 1
+    optimizer = nbytes.optimizer * (params["dense"] / dense_shard + params["expert"] / expert_shard)
+    inflight = min(p.pp - stage, micro_batches_per_step(cfg, dp))
+    per_mb, once = stage_activation_bytes(cfg, stage, nbytes.activation)
+    activations = per_mb * inflight + once
+    parts = {
+        "params_gib": count * nbytes.param / GIB,
+        "grads_gib": count * nbytes.grad / GIB,
+        "optimizer_gib": optimizer / GIB,
+        "activations_gib": activations / GIB,
+    }
+    return {
+        "stage": stage,
+        "layers": len(stage_layers(cfg)[stage]),
+        "params": count,
+        **parts,
+        "activation_per_microbatch_gib": per_mb / GIB,
+        "inflight_microbatches": inflight,
+        "total_gib": sum(parts.values()),
+    }
+
+
+def estimate_memory_per_rank(cfg: RunConfig, world_size: int, bytes_per_param: float | None = None,
+                             bytes_per_grad: float | None = None,
+                             device_type: str = "cuda") -> dict:
+    """Memory of one rank of every pipeline stage, and the worst one, in GiB.
+
+    Returns the byte sizes used, ``dp``, ``num_microbatches``, ``stages`` (per stage: layers,
+    params on the rank, ``params_gib``, ``grads_gib``, ``optimizer_gib``, ``activations_gib``,
+    ``activation_per_microbatch_gib``, ``inflight_microbatches``, ``total_gib``) and, copied
+    to the top level, the components of the worst stage with ``worst_stage``.
+    """
+    nbytes = resolve_bytes(cfg.train.precision, device_type, bytes_per_param, bytes_per_grad)
+    dp = max(1, cfg.parallel.resolved_dp(world_size))
+    stages = [_stage_estimate(cfg, s, dp, nbytes) for s in range(cfg.parallel.pp)]
+    worst = max(stages, key=lambda s: s["total_gib"])
+    keys = ("params", "params_gib", "grads_gib", "optimizer_gib", "activations_gib", "total_gib")
+    return {
+        "world_size": world_size,
+        "dp": dp,
+        "bytes_per_param": nbytes.param,
+        "bytes_per_grad": nbytes.grad,
+        "optimizer_bytes_per_param": nbytes.optimizer,
+        "activation_bytes": nbytes.activation,
+        "num_microbatches": micro_batches_per_step(cfg, dp),
+        "recompute": cfg.train.recompute,
+        "stages": stages,
+        "worst_stage": worst["stage"],
+        **{key: worst[key] for key in keys},
+    }

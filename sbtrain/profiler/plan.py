@@ -1,0 +1,111 @@
+"""A run plan: parameters, FLOPs per token and per-rank memory of a config, before launching."""
+
+from __future__ import annotations
+
+from sbtrain.config.schema import RunConfig
+from sbtrain.profiler.counting import count_parameters
+from sbtrain.profiler.flops import flops_per_token
+from sbtrain.profiler.memory import estimate_memory_per_rank
+
+
+def default_world_size(cfg: RunConfig) -> int:
+    """dp * pp * tp * sp, with ``parallel.dp = 0`` (infer from the launch) taken as 1."""
+    p = cfg.parallel
+    return (p.dp or 1) * p.pp * p.tp * p.sp
+
+
+def make_plan(cfg: RunConfig, world_size: int | None = None,
+              device_memory_gib: list[float] | None = None, device_type: str = "cuda") -> dict:
+    """Combine parameter counts, model FLOPs and the memory estimate into one JSON-able dict.
+
+    ``device_memory_gib`` lists device sizes to check the worst rank against (``fits`` means
+    the estimate, which leaves out framework overhead, is at most the device size).
+    ``device_type`` resolves ``precision: auto`` (bf16 unless ``cpu``).
+    """
+    world = world_size or default_world_size(cfg)
+    params = count_parameters(cfg.model)
+    flops = flops_per_token(cfg.model, cfg.train.seq_length, training=True)
+    memory = estimate_memory_per_rank(cfg, world, device_type=device_type)
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+    fits = [
+        {"device_gib": size, "fits": memory["total_gib"] <= size,
+         "headroom_gib": size - memory["total_gib"]}
+        for size in device_memory_gib or []
+    ]
+    return {
+        "pattern": cfg.model.pattern,
+        "world_size": world,
+        "parallel": {"dp": memory["dp"], "pp": cfg.parallel.pp, "tp": cfg.parallel.tp,
+                     "ep": cfg.parallel.ep, "sp": cfg.parallel.sp},
+        "seq_length": cfg.train.seq_length,
+        "tokens_per_step": tokens_per_step,
+        "parameters": params,
+        "flops_per_token": flops,
+        "flops_per_step": flops["total"] * tokens_per_step,
+        "memory": memory,
+        "fits": fits,
+    }
+
+
+def _num(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _params_section(plan: dict) -> list[str]:
+    params = plan["parameters"]
+    lines = [
+        f"parameters  total {_num(params['total'])} ({params['total'] / 1e9:.2f} B)"
+        f" | active {_num(params['active'])} ({params['active'] / 1e9:.2f} B)"
+        f" | embedding {_num(params['embedding'])} | lm_head {_num(params['lm_head'])}",
+        f"  {'layer':<6}{'count':>6}{'total/layer':>18}{'active/layer':>18}{'all layers':>20}",
+    ]
+    for code, info in params["layers"].items():
+        lines.append(f"  {code:<6}{info['count']:>6}{_num(info['total']):>18}"
+                     f"{_num(info['active']):>18}{_num(info['total_all']):>20}")
+    return lines
+
+
+def _flops_section(plan: dict) -> list[str]:
+    flops = plan["flops_per_token"]
+    lines = [
+        f"model FLOPs per token (training, seq {plan['seq_length']:,})  total {flops['total']:.4g}"
+        f" | matmul {flops['matmul']:.4g} | attention {flops['attention']:.4g}"
+        f" | logits {flops['logits']:.4g} | 6N {flops['dense_6n']:.4g}",
+        f"  {'layer':<6}{'count':>6}{'matmul/layer':>16}{'attn/layer':>16}{'all layers':>16}",
+    ]
+    for code, info in flops["layers"].items():
+        lines.append(f"  {code:<6}{info['count']:>6}{info['matmul']:>16.4g}"
+                     f"{info['attention']:>16.4g}{info['total']:>16.4g}")
+    lines.append(f"  per step: {plan['tokens_per_step']:,} tokens, {plan['flops_per_step']:.4g} FLOPs")
+    return lines
+
+
+def _memory_section(plan: dict) -> list[str]:
+    mem = plan["memory"]
+    lines = [
+        f"memory per rank (GiB; bytes/param {mem['bytes_per_param']:g} + grad "
+        f"{mem['bytes_per_grad']:g} + optimizer {mem['optimizer_bytes_per_param']:g}, "
+        f"{mem['num_microbatches']} micro-batches/step, recompute {mem['recompute']})",
+        f"  {'stage':<6}{'layers':>7}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}"
+        f"{'in-flight':>10}{'total':>9}",
+    ]
+    for st in mem["stages"]:
+        mark = " <- worst" if st["stage"] == mem["worst_stage"] else ""
+        lines.append(f"  {st['stage']:<6}{st['layers']:>7}{st['params_gib']:>9.2f}"
+                     f"{st['grads_gib']:>9.2f}{st['optimizer_gib']:>9.2f}"
+                     f"{st['activations_gib']:>9.2f}{st['inflight_microbatches']:>10}"
+                     f"{st['total_gib']:>9.2f}{mark}")
+    for fit in plan["fits"]:
+        verdict = "fits" if fit["fits"] else "does NOT fit"
+        lines.append(f"  {fit['device_gib']:g} GiB device: {verdict} "
+                     f"(headroom {fit['headroom_gib']:+.2f} GiB, before framework overhead)")
+    return lines
+
+
+def format_plan(plan: dict) -> str:
+    """Human-readable tables of a ``make_plan`` result."""
+    par = plan["parallel"]
+    head = (f"plan: pattern {plan['pattern']} | world {plan['world_size']} = dp {par['dp']} x "
+            f"pp {par['pp']} x tp {par['tp']} x sp {par['sp']} (ep {par['ep']})")
+    sections = [[head], _params_section(plan), _flops_section(plan), _memory_section(plan)]
+    return "\n".join(line for section in sections for line in section)

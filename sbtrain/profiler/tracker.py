@@ -1,0 +1,224 @@
+"""Step timing, tokens/s, TGS, MFU and peak memory for the training loop.
+
+MFU = flops_per_token * tokens / step_time / (peak_flops_per_device * num_devices), where
+``tokens`` are the tokens of the whole step over all devices and ``flops_per_token`` the
+training model FLOPs of ``sbtrain.profiler.flops``. TGS = tokens / num_devices / step_time.
+
+The device is named by ``device_type`` (``cuda``, ``cpu``, ...) and its torch module is
+looked up lazily with ``getattr(torch, device_type)``, so importing this module touches no
+device (and not even torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GIB = 1024**3
+
+
+@dataclass
+class StepStats:
+    """What one training step cost."""
+
+    step: int
+    step_time_s: float
+    tokens: int
+    tokens_per_s: float
+    tgs: float
+    """Tokens per device per second."""
+    mfu: float | None
+    """Model FLOPs utilisation as a fraction (None when no peak is known)."""
+    peak_memory_bytes: int | None
+    sections_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def peak_memory_gib(self) -> float | None:
+        return None if self.peak_memory_bytes is None else self.peak_memory_bytes / GIB
+
+
+def _device_module(device_type: str):
+    import torch  # lazily: keep `import sbtrain.profiler` cheap and device-free
+
+    return getattr(torch, device_type, None)
+
+
+class ThroughputTracker:
+    """Time steps (and named sections inside them) and turn them into throughput numbers.
+
+    ``clock`` is injectable for tests; ``sync`` waits for the device before reading it, so
+    asynchronous kernels are charged to the step that launched them.
+    """
+
+    def __init__(self, flops_per_token: float, peak_flops_per_device: float, peak_source: str,
+                 num_devices: int, device_type: str, clock: Callable[[], float] = time.perf_counter,
+                 sync: bool = True) -> None:
+        if num_devices < 1:
+            raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+        self.flops_per_token = flops_per_token
+        self.peak_flops_per_device = peak_flops_per_device
+        self.peak_source = peak_source
+        self.num_devices = num_devices
+        self.device_type = device_type
+        self._clock = clock
+        self._sync = sync
+        self._step_start: float | None = None
+        self._sections: dict[str, float] = {}
+        self._peak_memory: int | None = None
+        self.history: list[StepStats] = []
+
+    def start_step(self) -> None:
+        self._synchronize()
+        self._sections = {}
+        self._step_start = self._clock()
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Time a named part of the current step; repeated sections add up."""
+        self._synchronize()
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._synchronize()
+            self._sections[name] = self._sections.get(name, 0.0) + self._clock() - start
+
+    def end_step(self, tokens: int) -> StepStats:
+        """Close the step; ``tokens`` = tokens processed by the step over all devices."""
+        if self._step_start is None:
+            raise RuntimeError("end_step() without start_step()")
+        self._synchronize()
+        elapsed = max(self._clock() - self._step_start, 1e-12)
+        self._step_start = None
+        peak = self._read_peak_memory()
+        stats = StepStats(
+            step=len(self.history) + 1,
+            step_time_s=elapsed,
+            tokens=tokens,
+            tokens_per_s=tokens / elapsed,
+            tgs=tokens / self.num_devices / elapsed,
+            mfu=self._mfu(tokens, elapsed),
+            peak_memory_bytes=peak,
+            sections_s=dict(self._sections),
+        )
+        self.history.append(stats)
+        return stats
+
+    def _mfu(self, tokens: int, elapsed: float) -> float | None:
+        if self.peak_flops_per_device <= 0:
+            return None
+        achieved = self.flops_per_token * tokens / elapsed
+        return achieved / (self.peak_flops_per_device * self.num_devices)
+
+    @property
+    def memory_source(self) -> str:
+        if self.device_type == "cpu":
+            return "psutil RSS (max sampled at step ends)"
+        return f"torch.{self.device_type}.max_memory_allocated"
+
+    def _read_peak_memory(self) -> int | None:
+        """Peak bytes so far: the device allocator's peak, or on CPU the largest sampled RSS."""
+        if self.device_type == "cpu":
+            import psutil
+
+            current = psutil.Process().memory_info().rss
+        else:
+            module = _device_module(self.device_type)
+            reader = getattr(module, "max_memory_allocated", None)
+            current = int(reader()) if reader is not None else None
+        if current is not None:
+            self._peak_memory = max(self._peak_memory or 0, current)
+        return self._peak_memory
+
+    def _synchronize(self) -> None:
+        if not self._sync:
+            return
+        module = _device_module(self.device_type)
+        sync = getattr(module, "synchronize", None)
+        if sync is not None:
+            sync()
+
+    def summary(self) -> dict:
+        """Mean/median of per-step numbers, leaving out the first (warm-up) step if there are more."""
+        steps = self.history[1:] if len(self.history) > 1 else self.history
+        section_names = sorted({name for s in steps for name in s.sections_s})
+        return {
+            "steps": len(self.history),
+            "steps_averaged": len(steps),
+            "warmup_steps_excluded": len(self.history) - len(steps),
+            "total_tokens": sum(s.tokens for s in self.history),
+            "total_time_s": sum(s.step_time_s for s in self.history),
+            "step_time_s": _stats([s.step_time_s for s in steps]),
+            "tokens_per_s": _stats([s.tokens_per_s for s in steps]),
+            "tgs": _stats([s.tgs for s in steps]),
+            "mfu": _stats([s.mfu for s in steps if s.mfu is not None]),
+            "sections_s": {n: _stats([s.sections_s.get(n, 0.0) for s in steps])
+                           for n in section_names},
+            "peak_memory_bytes": self._peak_memory,
+            "peak_memory_gib": None if self._peak_memory is None else self._peak_memory / GIB,
+            "peak_memory_source": self.memory_source,
+            "flops_per_token": self.flops_per_token,
+            "peak_flops_per_device": self.peak_flops_per_device,
+            "peak_source": self.peak_source,
+            "num_devices": self.num_devices,
+            "device_type": self.device_type,
+        }
+
+    def write_summary(self, path: str | Path) -> dict:
+        """Write ``summary()`` (plus every step) as JSON to ``path``; returns the summary."""
+        data = self.summary()
+        data["history"] = [asdict(s) for s in self.history]
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2) + "\n")
+        return data
+
+    def format_step(self, stats: StepStats, *, total_steps: int | None = None,
+                    loss: float | None = None, lr: float | None = None,
+                    grad_norm: float | None = None) -> str:
+        return format_step(stats, total_steps=total_steps, loss=loss, lr=lr, grad_norm=grad_norm,
+                           peak_flops=self.peak_flops_per_device, peak_source=self.peak_source)
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "median": None}
+    return {"mean": statistics.fmean(values), "median": statistics.median(values)}
+
+
+def format_step(stats: StepStats, *, total_steps: int | None = None, loss: float | None = None,
+                lr: float | None = None, grad_norm: float | None = None,
+                peak_flops: float | None = None, peak_source: str | None = None) -> str:
+    """One progress line, e.g. ``step 5/100 | loss 4.1234 | lr 3.0e-04 | gnorm 1.23 |
+    12,345 tok/s | TGS 3,086 | MFU 12.3% (peak 989 TFLOP/s, H100 table) | mem 1.2 GiB``.
+    Fields given as None are left out (MFU shows ``n/a`` without a peak)."""
+    step = f"step {stats.step}" + (f"/{total_steps}" if total_steps else "")
+    parts = [step]
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if lr is not None:
+        parts.append(f"lr {lr:.1e}")
+    if grad_norm is not None:
+        parts.append(f"gnorm {grad_norm:.2f}")
+    parts += [f"{stats.tokens_per_s:,.0f} tok/s", f"TGS {stats.tgs:,.0f}"]
+    parts.append(_format_mfu(stats.mfu, peak_flops, peak_source))
+    if stats.peak_memory_gib is not None:
+        parts.append(f"mem {stats.peak_memory_gib:.1f} GiB")
+    return " | ".join(parts)
+
+
+def _format_mfu(mfu: float | None, peak_flops: float | None, peak_source: str | None) -> str:
+    if mfu is None:
+        return "MFU n/a (no peak FLOP/s)"
+    peak = ""
+    if peak_flops:
+        tflops = peak_flops / 1e12
+        # Small (CPU) peaks would print as "0" with no decimals.
+        shown = f"{tflops:,.0f}" if tflops >= 100 else f"{tflops:.3g}"
+        peak = f"peak {shown} TFLOP/s" + (f", {peak_source}" if peak_source else "")
+    return f"MFU {100 * mfu:.1f}%" + (f" ({peak})" if peak else "")
