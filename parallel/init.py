@@ -35,8 +35,9 @@ def _full_tensor(key: str, shape: tuple[int, ...], seed: int, std: float, num_la
     if kind == "scaled":
         # GPT-2/Megatron output-layer scaling: residual branches sum over 2 * num_layers.
         std = std / math.sqrt(2.0 * num_layers)
-    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-    return torch.randn(shape, generator=gen, device=device) * std
+    # Drawn on the CPU whatever the device, so CPU and GPU runs start from the same model.
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    return (torch.randn(shape, generator=gen) * std).to(device)
 
 
 def _sharded_tensors(state: object):

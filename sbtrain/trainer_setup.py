@@ -80,7 +80,7 @@ def _build_wrapped_model(cfg: RunConfig, groups, dtype: torch.dtype, device: tor
     from parallel.init import init_parameters_globally
     from sbtrain.model.builder import build_model
 
-    model, tconfig = build_model(cfg, groups.pg_collection, torch.float32, device)
+    model, tconfig = build_model(cfg, groups.pg_collection, dtype, device)
     init_parameters_globally(model, cfg.train.seed, cfg.model.init_method_std,
                              cfg.model.num_layers)
     if dtype == torch.bfloat16:

@@ -50,7 +50,11 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError("is not a section", key=dotted)
-    node[keys[-1]] = yaml.safe_load(value)
+    try:
+        node[keys[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        # Not valid YAML on its own (e.g. a pattern such as "*-*E"): take it as a string.
+        node[keys[-1]] = value
 
 
 def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:

@@ -41,12 +41,13 @@ def write_config(tmp: Path, name: str, overrides: dict) -> Path:
 
 
 def launch(config: Path, nproc: int, extra: list[str] | None = None, timeout: int = 300,
-           check: bool = True) -> subprocess.CompletedProcess:
+           check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=nproc -m sbtrain.train config``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "sbtrain.train", str(config)] + (extra or [])
-    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", SB_PLATFORM="cpu", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
+    env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "SB_PLATFORM": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
@@ -59,9 +60,10 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def run(tmp: Path, name: str, nproc: int, overrides: dict, extra: list[str] | None = None):
+def run(tmp: Path, name: str, nproc: int, overrides: dict, extra: list[str] | None = None,
+        env: dict | None = None):
     config = write_config(tmp, name, overrides)
-    launch(config, nproc, extra)
+    launch(config, nproc, extra, env=env)
     return metrics(tmp / name)
 
 

@@ -1,0 +1,424 @@
+"""Every PATCHES entry is needed, and does what it says (see maca_compat/patches.py).
+
+For each entry, the test named by its ``test`` field runs a probe of the stock megatron-core code
+path (tests/maca_compat/probes.py) in fresh processes:
+
+(a) with every entry applied except this one, the probe fails with the stock error, raised in
+    the stock function the entry is about (innermost megatron-core frame of the traceback);
+(b) with every entry applied, the probe succeeds and its numbers are checked.
+
+Tests are parametrized over ``entries_for(test name)``, so an entry added to PATCHES with an
+existing test name is exercised automatically (and fails until STOCK_FAILURES names its error).
+Probe processes run two at a time in the background, started when the module's first test runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from maca_compat.patches import PATCHES
+
+REPO = Path(__file__).resolve().parents[2]
+PROBE_TIMEOUT_S = 300
+STOCK_CUDA_ASSERT = "AssertionError: Torch not compiled with CUDA enabled"
+
+# probe name -> processes it needs
+PROBE_NPROC = {
+    "rng_tracker": 1,
+    "model_device_allocations": 1,
+    "moe_alltoall": 2,
+    "pipeline_schedules": 1,
+    "ddp_and_optimizer": 1,
+    "checkpoint": 1,
+    "revert_identity": 1,
+    "import_is_inert": 1,
+}
+
+# test function -> the probe it runs
+TEST_PROBE = {
+    "test_rng_tracker": "rng_tracker",
+    "test_model_device_allocations": "model_device_allocations",
+    "test_moe_alltoall_dispatcher": "moe_alltoall",
+    "test_pipeline_schedules": "pipeline_schedules",
+    "test_ddp_and_optimizer": "ddp_and_optimizer",
+    "test_dist_checkpointing": "checkpoint",
+    "test_distopt_load_missing_step": "checkpoint",
+}
+
+# entry -> (the stock error, (file under megatron/core, function) of the frame that raises it)
+STOCK_FAILURES = {
+    "rng_tracker": (STOCK_CUDA_ASSERT, ("tensor_parallel/random.py", "add")),
+    "model_device_allocations": (
+        STOCK_CUDA_ASSERT, ("models/common/embeddings/rotary_pos_embedding.py", "__init__")),
+    "moe_alltoall_dispatcher": (
+        "RuntimeError: torch.cuda.Stream requires CUDA support",
+        ("transformer/moe/token_dispatcher.py", "__init__")),
+    "pipeline_schedules": (
+        STOCK_CUDA_ASSERT, ("pipeline_parallel/schedules.py", "forward_backward_no_pipelining")),
+    "ddp_and_optimizer_devices": (
+        STOCK_CUDA_ASSERT, ("distributed/param_and_grad_buffer.py", "__init__")),
+    "optimizer_cuda_type_checks": (
+        "TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor",
+        ("optimizer/distrib_optimizer.py", "_build_model_and_main_param_groups")),
+    "dist_checkpointing_devices": (
+        STOCK_CUDA_ASSERT, ("dist_checkpointing/strategies/filesystem_async.py", "preload_tensors")),
+    "distopt_state_gather_on_cpu": (
+        STOCK_CUDA_ASSERT, ("optimizer/distrib_optimizer.py", "get_parameter_state_dp_zero")),
+    "distopt_load_missing_step": (
+        "KeyError: 'step'",
+        ("optimizer/distrib_optimizer.py", "_set_main_param_and_optimizer_states")),
+}
+
+# Entries made of several rebindings: undoing one part (with the entry otherwise applied)
+# shows that part is needed too. entry -> [(MODULE:ATTR, stock error, raising frame)].
+PART_FAILURES = {
+    "moe_alltoall_dispatcher": [(
+        "token_dispatcher:maybe_move_tensor_to_cpu",
+        "TypeError: all_to_all_single(): incompatible function arguments",
+        ("tensor_parallel/mappings.py", "forward"),
+    )],
+    "optimizer_cuda_type_checks": [
+        ("optimizer.optimizer:clip_grad_by_total_norm_fp32",
+         "assert param.grad.type() == 'torch.cuda.FloatTensor'",
+         ("optimizer/clip_grads.py", "clip_grad_by_total_norm_fp32")),
+        ("Float16OptimizerWithFloat16Params:__init__",
+         "TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor,  "
+         "torch.cuda.HalfTensor, or torch.cuda.BFloat16Tensor. Received torch.BFloat16Tensor",
+         ("optimizer/optimizer.py", "__init__")),
+    ],
+}
+# Stock _set_cuda_rng_state defers the set through torch.cuda._lazy_call, which never runs on a
+# CPU build: nothing raises, the tracker silently draws from the wrong stream.
+RNG_SET_PART = "random:_set_cuda_rng_state"
+
+
+def entries_for(test_name: str) -> list[str]:
+    return [p.name for p in PATCHES if p.test == test_name]
+
+
+# --------------------------------------------------------------------------- running probes
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    probe: str
+    without: str | None = None
+    restore: str | None = None
+
+    def command(self) -> list[str]:
+        if PROBE_NPROC[self.probe] > 1:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      f"--nproc_per_node={PROBE_NPROC[self.probe]}"]
+        else:
+            launch = [sys.executable]
+        cmd = launch + ["-m", "tests.maca_compat.probes", self.probe]
+        if self.without:
+            cmd += ["--without", self.without]
+        if self.restore:
+            cmd += ["--restore", self.restore]
+        return cmd
+
+
+@dataclasses.dataclass
+class Outcome:
+    job: Job
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def results(self) -> dict[int, dict]:
+        """rank -> the probe's JSON result."""
+        found = re.findall(r"^PROBE_RESULT (\d+) (.*)$", self.stdout, flags=re.M)
+        return {int(rank): json.loads(text) for rank, text in found}
+
+    @property
+    def result(self) -> dict:
+        assert self.returncode == 0, self.describe()
+        results = self.results
+        assert sorted(results) == list(range(PROBE_NPROC[self.job.probe])), self.describe()
+        return results[0]
+
+    def describe(self) -> str:
+        return (f"{' '.join(self.job.command())} -> exit {self.returncode}\n"
+                f"--- stdout (tail)\n{self.stdout[-2000:]}\n--- stderr (tail)\n{self.stderr[-6000:]}")
+
+
+def _run(job: Job) -> Outcome:
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", SB_PLATFORM="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run(job.command(), cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        return Outcome(job, -9, str(exc.stdout or ""), f"timed out after {PROBE_TIMEOUT_S} s")
+    return Outcome(job, proc.returncode, proc.stdout, proc.stderr)
+
+
+def jobs_for_test(name: str, params: dict) -> list[Job]:
+    """The probe runs a test of this module needs (so they can be started ahead of time)."""
+    if name in TEST_PROBE:
+        probe, entry = TEST_PROBE[name], params.get("entry")
+        jobs = [Job(probe)]
+        if entry is not None:
+            jobs.append(Job(probe, without=entry))
+            jobs += [Job(probe, restore=part) for part, _, _ in PART_FAILURES.get(entry, [])]
+            if entry == "rng_tracker":
+                jobs.append(Job(probe, restore=RNG_SET_PART))
+        return jobs
+    if name in ("test_unshare_adam_step_guard", "test_materialize_optimizer_state_guard"):
+        return [Job("checkpoint")]
+    if name == "test_revert_patches_restores_originals":
+        return [Job("revert_identity")]
+    if name == "test_import_applies_nothing":
+        return [Job("import_is_inert")]
+    return []
+
+
+class ProbeRunner:
+    """Runs probe processes two at a time; each distinct job runs once per session."""
+
+    def __init__(self, workers: int = 2) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+        self._futures: dict[Job, concurrent.futures.Future] = {}
+
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        if job not in self._futures:
+            self._futures[job] = self._pool.submit(_run, job)
+        return self._futures[job]
+
+    def get(self, probe: str, without: str | None = None, restore: str | None = None) -> Outcome:
+        return self.submit(Job(probe, without, restore)).result()
+
+    def close(self) -> None:
+        for future in self._futures.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def probes(request: pytest.FixtureRequest):
+    runner = ProbeRunner()
+    selected = [item for item in request.session.items
+                if getattr(item, "module", None) is sys.modules[__name__]]
+    jobs = [job for item in selected
+            for job in jobs_for_test(item.originalname,
+                                     getattr(getattr(item, "callspec", None), "params", {}))]
+    # Multi-process probes first: they are the longest.
+    for job in sorted(dict.fromkeys(jobs), key=lambda j: -PROBE_NPROC[j.probe]):
+        runner.submit(job)
+    yield runner
+    runner.close()
+
+
+def innermost_megatron_frame(stderr: str) -> tuple[str, str] | None:
+    frames = re.findall(r'File "[^"]*/megatron/core/([^"]+)", line \d+, in (\S+)', stderr)
+    return frames[-1] if frames else None
+
+
+def assert_stock_failure(outcome: Outcome, error: str, frame: tuple[str, str], what: str) -> None:
+    assert outcome.returncode != 0, (
+        f"the probe passed {what}: the shim looks unneeded (delete it from PATCHES?)\n"
+        + outcome.describe())
+    assert error in outcome.stderr, f"{what}: expected {error!r}\n" + outcome.describe()
+    assert innermost_megatron_frame(outcome.stderr) == frame, (
+        f"{what}: expected the error from megatron/core/{frame[0]}:{frame[1]}, got "
+        f"{innermost_megatron_frame(outcome.stderr)}\n" + outcome.describe())
+
+
+def assert_needed(probes: ProbeRunner, probe: str, entry: str) -> None:
+    """(a) for ``entry`` and each of its listed parts."""
+    error, frame = STOCK_FAILURES[entry]
+    assert_stock_failure(probes.get(probe, without=entry), error, frame, f"without {entry}")
+    for part, part_error, part_frame in PART_FAILURES.get(entry, []):
+        assert_stock_failure(probes.get(probe, restore=part), part_error, part_frame,
+                             f"with {entry} but its {part} rebinding undone")
+
+
+def close(a: float, b: float, tol: float = 1e-6) -> bool:
+    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= tol * max(1.0, abs(b))
+
+
+LN_VOCAB = math.log(128)  # loss of a near-uniform prediction: the probes' models are at init
+
+
+# --------------------------------------------------------------------------- the list itself
+
+
+def test_every_entry_names_a_test_here():
+    module = sys.modules[__name__]
+    names = [p.name for p in PATCHES]
+    assert len(names) == len(set(names)), names
+    for patch in PATCHES:
+        assert callable(getattr(module, patch.test, None)), (
+            f"PATCHES entry {patch.name!r} names {patch.test!r}, which is not a test in {__file__}")
+        assert patch.test in TEST_PROBE, (patch.name, patch.test)
+        assert patch.reason.strip() and patch.platforms, patch.name
+    assert sorted(STOCK_FAILURES) == sorted(names), "STOCK_FAILURES must list exactly the entries"
+    assert set(PART_FAILURES) <= set(names)
+    # Every entry test is parametrized over exactly the entries that name it.
+    for test_name in TEST_PROBE:
+        marks = [m for m in getattr(module, test_name).pytestmark if m.name == "parametrize"]
+        if entries_for(test_name):
+            assert marks and list(marks[0].args[1]) == entries_for(test_name), test_name
+
+
+def test_import_applies_nothing(probes: ProbeRunner):
+    result = probes.get("import_is_inert").result
+    assert result == {"applied": [], "megatron_modules": []}
+
+
+def test_revert_patches_restores_originals(probes: ProbeRunner):
+    r = probes.get("revert_identity").result
+    names = [p.name for p in PATCHES]
+    assert r["applied"] == names and r["applied_twice"] == names
+    assert r["entries_with_records"] == sorted(names)
+    # Every rebinding took effect while applied (the logger filter list is mutated in place).
+    assert r["rebound_while_applied"] == r["num_records"] - 1 > 0
+    assert r["shared_bindings"] == [], "two entries rebind the same name: partial revert breaks"
+    assert r["silenced_while_applied"]
+    # A partial revert undoes only the named entry.
+    assert r["partial"] == {"applied": [n for n in names if n != "rng_tracker"],
+                            "random_torch_restored": True, "schedules_torch_still_shimmed": True}
+    assert r["applied_after_revert"] == []
+    # Identity: every module global and class attribute of megatron is the very same object
+    # as before apply_patches(); no CPU-torch stand-in or patch wrapper is left anywhere.
+    assert r["num_bindings_checked"] > 5000
+    assert r["changed_after_revert"] == []
+    assert r["originals_not_back"] == []
+    assert r["artefacts_after_revert"] == []
+    assert r["filters_restored"] and r["passes_filter_after_revert"]
+
+
+# --------------------------------------------------------------------------- one test per entry
+
+
+@pytest.mark.parametrize("entry", entries_for("test_rng_tracker"))
+def test_rng_tracker(probes: ProbeRunner, entry: str):
+    assert_needed(probes, "rng_tracker", entry)
+    r = probes.get("rng_tracker").result
+    assert r["tracked_states"] == ["data-parallel-rng", "expert-parallel-rng",
+                                   "model-parallel-rng"]
+    assert r["default_draw"] == r["expected_default_draw"]
+    assert r["fork_draws"] == r["expected_fork_draws"]
+    # The fork restores the CPU generator exactly: the next draw is the one without the fork.
+    assert r["after_fork"] == r["without_fork"]
+    if entry == "rng_tracker":
+        # Its _set_cuda_rng_state part: stock code never sets the state on a CPU build.
+        silent = probes.get("rng_tracker", restore=RNG_SET_PART).result
+        assert silent["fork_draws"] != silent["expected_fork_draws"]
+        assert silent["after_fork"] != silent["without_fork"]
+
+
+@pytest.mark.parametrize("entry", entries_for("test_model_device_allocations"))
+def test_model_device_allocations(probes: ProbeRunner, entry: str):
+    assert_needed(probes, "model_device_allocations", entry)
+    r = probes.get("model_device_allocations").result
+    assert r["rope_shape"] == [16, 1, 1, 8]
+    assert r["rope_max_err"] == 0.0  # exactly outer(positions, inv_freq), twice
+    assert abs(r["loss"] - LN_VOCAB) < 0.1, r["loss"]
+    assert r["grads_finite"] and r["num_grads"] > 20
+
+
+@pytest.mark.parametrize("entry", entries_for("test_moe_alltoall_dispatcher"))
+def test_moe_alltoall_dispatcher(probes: ProbeRunner, entry: str):
+    assert_needed(probes, "moe_alltoall", entry)
+    results = probes.get("moe_alltoall").results
+    assert sorted(results) == [0, 1]
+    for rank, r in results.items():
+        # EP2: the all-to-all dispatcher reproduces the all-gather dispatcher exactly.
+        assert close(r["loss_alltoall"], r["loss_allgather"]), (rank, r)
+        assert r["max_grad_diff"] <= 1e-6, (rank, r)
+        assert abs(r["loss_alltoall"] - LN_VOCAB) < 0.1, (rank, r)
+        assert r["num_local_experts_params"] == 4 and r["expert_grad_norm"] > 0, (rank, r)
+    assert results[0]["loss_alltoall"] != results[1]["loss_alltoall"]  # ranks saw other tokens
+
+
+@pytest.mark.parametrize("entry", entries_for("test_pipeline_schedules"))
+def test_pipeline_schedules(probes: ProbeRunner, entry: str):
+    assert_needed(probes, "pipeline_schedules", entry)
+    r = probes.get("pipeline_schedules").result
+    assert len(r["schedule_losses"]) == 2
+    for got, want in zip(r["schedule_losses"], r["direct_losses"]):
+        assert close(got, want), r
+        assert abs(got - LN_VOCAB) < 0.1, r
+    assert r["max_grad_diff"] <= 1e-6, r
+    assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("entry", entries_for("test_ddp_and_optimizer"))
+def test_ddp_and_optimizer(probes: ProbeRunner, entry: str):
+    assert_needed(probes, "ddp_and_optimizer", entry)
+    r = probes.get("ddp_and_optimizer").result
+    assert r["update_successful"]
+    assert close(r["grad_norm"], r["reference_grad_norm"], tol=1e-5), r
+    # The first Adam step moved every parameter by lr against the sign of its gradient.
+    assert r["checked_entries"] > 10_000
+    assert r["max_update_err"] < 0.001 * r["lr"], r
+    assert r["zero_grad_entries_moved"] == 0
+    assert r["adam_steps"] == [1.0]
+    assert r["loss_after_step"] < r["loss"] - 0.01, r
+    # bf16 with Float16OptimizerWithFloat16Params: same model, loss to bf16 accuracy.
+    assert abs(r["bf16_loss"] - r["loss"]) < 0.01 and math.isfinite(r["bf16_grad_norm"]), r
+    assert r["bf16_loss_after_step"] < r["bf16_loss"] - 0.01, r
+
+
+@pytest.mark.parametrize("entry", entries_for("test_dist_checkpointing"))
+def test_dist_checkpointing(probes: ProbeRunner, entry: str):
+    assert_needed(probes, "checkpoint", entry)
+    r = probes.get("checkpoint").result
+    assert r["differs_before_load"], "the fresh model must differ, or the load proves nothing"
+    assert r["loaded_step"] == 1 and r["scheduler_steps"] == 1
+    assert r["weights_equal"] and r["num_weights"] > 10
+    assert r["adam_state_equal"]
+    # The resumed run continues exactly like the uninterrupted one.
+    assert r["loss_resumed"] == r["loss_continued"] and math.isfinite(r["loss_resumed"])
+    assert r["params_equal_after_step"]
+
+
+@pytest.mark.parametrize("entry", entries_for("test_distopt_load_missing_step"))
+def test_distopt_load_missing_step(probes: ProbeRunner, entry: str):
+    assert_needed(probes, "checkpoint", entry)
+    r = probes.get("checkpoint").result
+    assert r["loaded_step"] == 1 and r["weights_equal"] and r["adam_state_equal"]
+    assert r["steps_after_one_step"] == [2.0] * r["num_adam_states"]
+
+
+# --------------------------------------------------------------------------- sbtrain's guards
+
+
+def test_unshare_adam_step_guard(probes: ProbeRunner):
+    """Upstream bug (checkpoint.unshare_adam_step): load_state_dict shares one Adam step."""
+    r = probes.get("checkpoint").result
+    n = r["num_adam_states"]
+    assert n >= 2
+    # Freshly loaded: one step tensor for every parameter ...
+    assert r["distinct_step_tensors_after_load"] == 1
+    # ... which torch Adam increments once per parameter: one step reads 1 + n, not 2.
+    assert r["steps_after_one_step_unguarded"] == [1.0 + n]
+    # The guard clones them (and is idempotent) ...
+    assert r["unshared"] == n - 1 > 0
+    assert r["unshared_again"] == 0
+    assert r["distinct_step_tensors_after_unshare"] == n
+    # ... after which every parameter's step advances by exactly one per optimizer step.
+    assert r["steps_after_one_step"] == [2.0] * n
+    assert r["steps_after_two_steps"] == [3.0] * n
+
+
+def test_materialize_optimizer_state_guard(probes: ProbeRunner):
+    """Upstream: a fresh optimizer's load state dict cannot be built without a zero state."""
+    r = probes.get("checkpoint").result
+    error = r["fresh_state_dict_error"]
+    assert error.startswith("AssertionError"), error
+    assert "optimizer/distrib_optimizer.py" in error and "assert len(steps) == 1" in error
+    assert r["loaded_step"] == 1  # load_checkpoint, which materializes first, works
