@@ -431,8 +431,18 @@ def probe_checkpoint(args) -> dict:
         train_step(ddp2, opt2, batch)
         out["steps_after_two_steps"] = [float(s["step"]) for s in torch_adam_states(opt2)]
 
-        # The upstream bug the guard handles: load_state_dict shares one step tensor.
+        # The other guard first: a fresh torch Adam has no state, and megatron cannot build
+        # the load state dict until materialize_optimizer_state gives it one.
         model3, ddp3, opt3, sched3 = fresh(SEED + 2)
+        try:
+            _state_dict(ddp3, opt3, sched3, 1, is_loading=True)
+            out["fresh_state_dict_error"] = ""
+        except Exception as exc:  # noqa: BLE001 - the upstream failure is what is measured
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            out["fresh_state_dict_error"] = (
+                f"{type(exc).__name__}: {exc} at {frame.filename}:{frame.lineno}: {frame.line}")
+
+        # The upstream bug unshare_adam_step handles: load_state_dict shares one step tensor.
         _load_manually(tmp, ddp3, opt3, sched3)
         out["distinct_step_tensors_after_load"] = len(
             {id(s["step"]) for s in torch_adam_states(opt3)})
@@ -441,17 +451,6 @@ def probe_checkpoint(args) -> dict:
         out["unshared_again"] = unshare_adam_step(opt3)
         out["distinct_step_tensors_after_unshare"] = len(
             {id(s["step"]) for s in torch_adam_states(opt3)})
-
-        # The other guard: a fresh torch Adam has no state, and megatron cannot build the
-        # load state dict until materialize_optimizer_state gives it one.
-        model5, ddp5, opt5, sched5 = fresh(SEED + 4)
-        try:
-            _state_dict(ddp5, opt5, sched5, 1, is_loading=True)
-            out["fresh_state_dict_error"] = ""
-        except Exception as exc:  # noqa: BLE001 - the upstream failure is what is measured
-            frame = traceback.extract_tb(exc.__traceback__)[-1]
-            out["fresh_state_dict_error"] = (
-                f"{type(exc).__name__}: {exc} at {frame.filename}:{frame.lineno}: {frame.line}")
 
         model4, ddp4, opt4, sched4 = fresh(SEED + 3)
         _load_manually(tmp, ddp4, opt4, sched4)

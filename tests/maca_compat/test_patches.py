@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,7 @@ class Outcome:
     returncode: int
     stdout: str
     stderr: str
+    seconds: float = 0.0
 
     @property
     def results(self) -> dict[int, dict]:
@@ -157,12 +159,13 @@ class Outcome:
 def _run(job: Job) -> Outcome:
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1", SB_PLATFORM="cpu", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    start = time.monotonic()
     try:
         proc = subprocess.run(job.command(), cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         return Outcome(job, -9, str(exc.stdout or ""), f"timed out after {PROBE_TIMEOUT_S} s")
-    return Outcome(job, proc.returncode, proc.stdout, proc.stderr)
+    return Outcome(job, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
 
 
 def jobs_for_test(name: str, params: dict) -> list[Job]:
@@ -204,6 +207,10 @@ class ProbeRunner:
         for future in self._futures.values():
             future.cancel()
         self._pool.shutdown(wait=True)
+        if os.environ.get("SB_PROBE_TIMES"):
+            for job, future in self._futures.items():
+                if future.done() and not future.cancelled():
+                    print(f"\n{future.result().seconds:6.1f} s  {' '.join(job.command()[-4:])}")
 
 
 @pytest.fixture(scope="module")
