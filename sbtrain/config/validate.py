@@ -33,6 +33,7 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> None:
     if p.ep > 1 and cfg.model.moe.num_experts % p.ep:
         raise ConfigError(f"num_experts={cfg.model.moe.num_experts} must divide by ep={p.ep}",
                           key="model.moe.num_experts")
+    _check_pipeline_cuts(cfg.model.pattern, p.pp)
     if cfg.model.num_layers % p.pp:
         raise ConfigError(f"{cfg.model.num_layers} layers do not split evenly over pp={p.pp}",
                           key="parallel.pp")
@@ -45,6 +46,19 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("sequence_parallel needs tp > 1", key="parallel.sequence_parallel")
     if p.sp > 1 and cfg.train.seq_length % (2 * p.sp):
         raise ConfigError(f"seq_length must divide by 2*sp = {2 * p.sp}", key="train.seq_length")
+
+
+def _check_pipeline_cuts(pattern: str, pp: int) -> None:
+    """Explicit '|' cuts must give pp stages of whole, equal numbers of layers."""
+    if "|" not in pattern:
+        return
+    pieces = ["".join(piece.split()) for piece in pattern.split("|")]
+    if len(pieces) != pp or any(len(piece) % 2 for piece in pieces):
+        raise ConfigError(f"'|' cuts must split the pattern into pp={pp} stages of whole layers",
+                          key="model.pattern")
+    if len({len(piece) for piece in pieces}) != 1:
+        raise ConfigError("stages cut by '|' must hold equal numbers of layers (uneven "
+                          "pipeline stages are not supported)", key="model.pattern")
 
 
 def _check_batch(cfg: RunConfig, world_size: int) -> None:

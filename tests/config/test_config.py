@@ -336,6 +336,20 @@ def test_valid_layouts_pass(cfg, world):
     validate(cfg, world)
 
 
+@pytest.mark.parametrize(
+    ("pattern", "pp"),
+    [
+        ("*-|*-*-*-", 2),  # cut after layer 1, the even split cuts after layer 2
+        ("*-*-|*-*-", 4),  # one cut, four stages
+        ("*|-*-", 2),  # cut inside a layer's (mixer, ffn) pair
+    ],
+)
+def test_pipeline_cuts_must_match_the_even_split(pattern, pp):
+    cfg = cfg_with(pattern, parallel={"pp": pp}, train={"global_batch_size": 2})
+    err = validate_error(cfg, pp)
+    assert err.key == "model.pattern"
+
+
 # --------------------------------------------------------------------------- round trip
 
 

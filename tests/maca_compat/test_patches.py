@@ -1,7 +1,7 @@
 """Every PATCHES entry is needed, and does what it says (see maca_compat/patches.py).
 
 For each entry, the test named by its ``test`` field runs a probe of the stock megatron-core code
-path (tests/maca_compat/probes.py) in fresh processes:
+path (tests/maca_compat/probes.py) in processes of its own:
 
 (a) with every entry applied except this one, the probe fails with the stock error, raised in
     the stock function the entry is about (innermost megatron-core frame of the traceback);
@@ -9,12 +9,13 @@ path (tests/maca_compat/probes.py) in fresh processes:
 
 Tests are parametrized over ``entries_for(test name)``, so an entry added to PATCHES with an
 existing test name is exercised automatically (and fails until STOCK_FAILURES names its error).
-Probe processes run two at a time in the background, started when the module's first test runs.
+Probe jobs start in the background when the module's first probe test runs (see ProbeRunner).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -156,16 +158,75 @@ class Outcome:
                 f"--- stdout (tail)\n{self.stdout[-2000:]}\n--- stderr (tail)\n{self.stderr[-6000:]}")
 
 
+def _probe_env() -> dict[str, str]:
+    return dict(os.environ, TORCH_COMPILE_DISABLE="1", SB_PLATFORM="cpu", OMP_NUM_THREADS="1",
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
 def _run(job: Job) -> Outcome:
-    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", SB_PLATFORM="cpu", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    """A fresh interpreter (or torchrun) for ``job``."""
     start = time.monotonic()
     try:
-        proc = subprocess.run(job.command(), cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=PROBE_TIMEOUT_S)
+        proc = subprocess.run(job.command(), cwd=REPO, env=_probe_env(), capture_output=True,
+                              text=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         return Outcome(job, -9, str(exc.stdout or ""), f"timed out after {PROBE_TIMEOUT_S} s")
     return Outcome(job, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
+
+
+class ForkServer:
+    """``probes --serve``: single-process jobs, each in a fork of one pre-imported process."""
+
+    def __init__(self, workdir: Path, workers: int = 2) -> None:
+        self._dir = workdir
+        self._log = open(workdir / "server.stderr", "w+")  # noqa: SIM115 - closed in close()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.maca_compat.probes", "--serve",
+             f"--workers={workers}", f"--timeout={PROBE_TIMEOUT_S}"],
+            cwd=REPO, env=_probe_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._log, text=True, bufsize=1,
+        )
+        self._lock = threading.Lock()
+        self._jobs: dict[int, tuple[Job, concurrent.futures.Future]] = {}
+        self._reader = threading.Thread(target=self._read_results, daemon=True)
+        self._reader.start()
+
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            index = len(self._jobs)
+            self._jobs[index] = (job, future)
+            line = json.dumps({
+                "id": index, "argv": job.command()[3:],
+                "stdout": str(self._dir / f"{index}.out"), "stderr": str(self._dir / f"{index}.err"),
+            })
+            self._proc.stdin.write(line + "\n")
+            self._proc.stdin.flush()
+        return future
+
+    def _read_results(self) -> None:
+        for line in self._proc.stdout:
+            msg = json.loads(line)
+            job, future = self._jobs[msg["id"]]
+            out, err = (self._dir / f"{msg['id']}.{ext}" for ext in ("out", "err"))
+            future.set_result(Outcome(job, msg["returncode"], out.read_text(), err.read_text(),
+                                      msg["seconds"]))
+        self._log.seek(0)
+        crash = f"probe fork server exited ({self._proc.wait()}):\n{self._log.read()[-6000:]}"
+        with self._lock:
+            for job, future in self._jobs.values():
+                if not future.done():
+                    future.set_exception(RuntimeError(crash))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=PROBE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        self._reader.join(timeout=10)
+        self._log.close()
 
 
 def jobs_for_test(name: str, params: dict) -> list[Job]:
@@ -189,33 +250,46 @@ def jobs_for_test(name: str, params: dict) -> list[Job]:
 
 
 class ProbeRunner:
-    """Runs probe processes two at a time; each distinct job runs once per session."""
+    """Runs each distinct probe job once: torchrun jobs and the import check in fresh
+    interpreters (one at a time), all others through the fork server (two at a time).
 
-    def __init__(self, workers: int = 2) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    ``SB_PROBE_FRESH=1`` runs every job in a fresh interpreter instead (slower; for debugging).
+    """
+
+    FRESH_ONLY = {"import_is_inert"}
+
+    def __init__(self, workdir: Path) -> None:
+        self._fresh = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._all_fresh = os.environ.get("SB_PROBE_FRESH") == "1"
+        self._server = None if self._all_fresh else ForkServer(workdir)
         self._futures: dict[Job, concurrent.futures.Future] = {}
 
     def submit(self, job: Job) -> concurrent.futures.Future:
         if job not in self._futures:
-            self._futures[job] = self._pool.submit(_run, job)
+            if self._all_fresh or PROBE_NPROC[job.probe] > 1 or job.probe in self.FRESH_ONLY:
+                self._futures[job] = self._fresh.submit(_run, job)
+            else:
+                self._futures[job] = self._server.submit(job)
         return self._futures[job]
 
     def get(self, probe: str, without: str | None = None, restore: str | None = None) -> Outcome:
-        return self.submit(Job(probe, without, restore)).result()
+        return self.submit(Job(probe, without, restore)).result(timeout=4 * PROBE_TIMEOUT_S)
 
     def close(self) -> None:
         for future in self._futures.values():
             future.cancel()
-        self._pool.shutdown(wait=True)
+        self._fresh.shutdown(wait=True)
+        if self._server is not None:
+            self._server.close()
         if os.environ.get("SB_PROBE_TIMES"):
             for job, future in self._futures.items():
-                if future.done() and not future.cancelled():
+                if future.done() and not future.cancelled() and future.exception() is None:
                     print(f"\n{future.result().seconds:6.1f} s  {' '.join(job.command()[-4:])}")
 
 
 @pytest.fixture(scope="module")
-def probes(request: pytest.FixtureRequest):
-    runner = ProbeRunner()
+def probes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    runner = ProbeRunner(tmp_path_factory.mktemp("probes"))
     selected = [item for item in request.session.items
                 if getattr(item, "module", None) is sys.modules[__name__]]
     jobs = [job for item in selected
@@ -228,9 +302,32 @@ def probes(request: pytest.FixtureRequest):
     runner.close()
 
 
-def innermost_megatron_frame(stderr: str) -> tuple[str, str] | None:
-    frames = re.findall(r'File "[^"]*/megatron/core/([^"]+)", line \d+, in (\S+)', stderr)
-    return frames[-1] if frames else None
+FRAME = re.compile(r'File "[^"]*/megatron/core/([^"]+)", line \d+, in (\S+)')
+
+
+def raising_frames(stderr: str, error: str) -> list[tuple[str, str]]:
+    """The innermost megatron-core frame of each traceback in ``stderr`` that ends in ``error``.
+
+    Ranks' output (``[rankN]:`` prefixes) is separated first: tracebacks of two ranks may
+    interleave, and a rank killed by torchrun may leave a truncated one.
+    """
+    streams: dict[str, list[str]] = {}
+    for line in stderr.splitlines():
+        tagged = re.match(r"^\[(rank\d+)\]:(.*)$", line)
+        rank, text = tagged.groups() if tagged else ("", line)
+        streams.setdefault(rank, []).append(text)
+    found = []
+    for lines in streams.values():
+        frame = None
+        for text in lines:
+            if "Traceback (most recent call last)" in text:
+                frame = None
+            match = FRAME.search(text)
+            if match:
+                frame = match.groups()
+            elif error in text and frame is not None:
+                found.append(frame)
+    return found
 
 
 def assert_stock_failure(outcome: Outcome, error: str, frame: tuple[str, str], what: str) -> None:
@@ -238,9 +335,10 @@ def assert_stock_failure(outcome: Outcome, error: str, frame: tuple[str, str], w
         f"the probe passed {what}: the shim looks unneeded (delete it from PATCHES?)\n"
         + outcome.describe())
     assert error in outcome.stderr, f"{what}: expected {error!r}\n" + outcome.describe()
-    assert innermost_megatron_frame(outcome.stderr) == frame, (
-        f"{what}: expected the error from megatron/core/{frame[0]}:{frame[1]}, got "
-        f"{innermost_megatron_frame(outcome.stderr)}\n" + outcome.describe())
+    frames = raising_frames(outcome.stderr, error)
+    assert frame in frames, (
+        f"{what}: expected {error!r} raised in megatron/core/{frame[0]}:{frame[1]}, got it from "
+        f"{frames}\n" + outcome.describe())
 
 
 def assert_needed(probes: ProbeRunner, probe: str, entry: str) -> None:
@@ -275,7 +373,8 @@ def test_every_entry_names_a_test_here():
     assert set(PART_FAILURES) <= set(names)
     # Every entry test is parametrized over exactly the entries that name it.
     for test_name in TEST_PROBE:
-        marks = [m for m in getattr(module, test_name).pytestmark if m.name == "parametrize"]
+        marks = [m for m in getattr(getattr(module, test_name), "pytestmark", [])
+                 if m.name == "parametrize"]
         if entries_for(test_name):
             assert marks and list(marks[0].args[1]) == entries_for(test_name), test_name
 
@@ -290,8 +389,8 @@ def test_revert_patches_restores_originals(probes: ProbeRunner):
     names = [p.name for p in PATCHES]
     assert r["applied"] == names and r["applied_twice"] == names
     assert r["entries_with_records"] == sorted(names)
-    # Every rebinding took effect while applied (the logger filter list is mutated in place).
-    assert r["rebound_while_applied"] == r["num_records"] - 1 > 0
+    # Every rebinding took effect while applied (logger filter lists are mutated in place).
+    assert r["rebound_while_applied"] == r["num_records"] - r["num_filter_records"] > 0
     assert r["shared_bindings"] == [], "two entries rebind the same name: partial revert breaks"
     assert r["silenced_while_applied"]
     # A partial revert undoes only the named entry.
@@ -340,8 +439,9 @@ def test_model_device_allocations(probes: ProbeRunner, entry: str):
 @pytest.mark.parametrize("entry", entries_for("test_moe_alltoall_dispatcher"))
 def test_moe_alltoall_dispatcher(probes: ProbeRunner, entry: str):
     assert_needed(probes, "moe_alltoall", entry)
-    results = probes.get("moe_alltoall").results
-    assert sorted(results) == [0, 1]
+    outcome = probes.get("moe_alltoall")
+    assert outcome.result  # exit status 0 and one result per rank
+    results = outcome.results
     for rank, r in results.items():
         # EP2: the all-to-all dispatcher reproduces the all-gather dispatcher exactly.
         assert close(r["loss_alltoall"], r["loss_allgather"]), (rank, r)
