@@ -225,8 +225,7 @@ PATCHES: tuple[Patch, ...] = (
                      _with_cuda_type_names)()
             + _replace(_MC + "optimizer.optimizer",
                        "Float16OptimizerWithFloat16Params.__init__", _with_cuda_type_names)()
-            + _replace(_MC + "optimizer.clip_grads", "clip_grad_by_total_norm_fp32",
-                       _with_cuda_type_names)()
+            # optimizer.py calls its own imported name, so that is the binding to wrap.
             + _replace(_MC + "optimizer.optimizer", "clip_grad_by_total_norm_fp32",
                        _with_cuda_type_names)()
         ),
