@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from sbtrain.config import RunConfig, dump_config
+from sbtrain.model.segments import segment_ids_from_tokens
 from sbtrain.trainer_setup import TrainState, build_train_state
 
 logger = logging.getLogger("sbtrain.train")
@@ -20,7 +21,9 @@ logger = logging.getLogger("sbtrain.train")
 
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # Megatron's attention_mask argument carries the [b, s] segment ids of packed documents.
+    output = model(batch["tokens"], batch["position_ids"], batch.get("segment_ids"),
+                   labels=batch["labels"])
     return output, partial(_loss, batch["loss_mask"])
 
 
@@ -37,9 +40,15 @@ class Trainer:
     def __init__(self, cfg: RunConfig, source: str = "") -> None:
         self.cfg, self.source = cfg, source
         self.state: TrainState | None = None
+        self.eod: int | None = None
+        """EOD id that separates packed documents, when ``data.document_mask`` is on."""
 
     def setup(self) -> TrainState:
         self.state = build_train_state(self.cfg, self.source)
+        if self.cfg.data.document_mask:
+            from sbtrain.data.datasets import document_eod
+
+            self.eod = document_eod(self.cfg)
         if self.state.is_logging_rank:
             run_dir = Path(self.cfg.train.run_dir)
             dump_config(self.cfg, run_dir / "resolved_config.yaml")
@@ -52,6 +61,8 @@ class Trainer:
 
         for batch in microbatches(dataset, step, t.global_batch_size, t.micro_batch_size,
                                   s.groups.dp_rank, s.groups.dp_size):
+            if self.eod is not None:
+                batch["segment_ids"] = segment_ids_from_tokens(batch["tokens"], self.eod)
             yield {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
 
     def _run_schedule(self, step: int, split: str, forward_only: bool) -> float:

@@ -53,7 +53,7 @@ def build_train_state(cfg: RunConfig, source: str = "") -> TrainState:
     p = cfg.parallel
     groups = init_parallel_groups(p.tp, p.pp, p.sp, p.ep, local_rank)
     device = platform.device(local_rank)
-    _seed(cfg.train.seed)
+    seed_all(cfg.train.seed)
     dtype = resolve_dtype(cfg.train.precision, platform)
     model, tconfig = _build_wrapped_model(cfg, groups, dtype, device)
     optimizer, scheduler = _build_optimizer(cfg, model, groups, dtype)
@@ -66,7 +66,7 @@ def build_train_state(cfg: RunConfig, source: str = "") -> TrainState:
                       valid_ds, tracker, start, dtype)
 
 
-def _seed(seed: int) -> None:
+def seed_all(seed: int) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     torch.manual_seed(seed)
@@ -140,6 +140,7 @@ def _build_data(cfg: RunConfig, groups):
 
 
 def _maybe_resume(cfg: RunConfig, model, optimizer, scheduler) -> int:
+    """Resume from load_dir (or save_dir); else start from ``pretrained`` weights; else fresh."""
     from sbtrain.checkpoint import latest_step, load_checkpoint
 
     ck = cfg.checkpoint
@@ -147,6 +148,8 @@ def _maybe_resume(cfg: RunConfig, model, optimizer, scheduler) -> int:
     if not load_dir or latest_step(load_dir) is None:
         if ck.load_dir:
             raise FileNotFoundError(f"checkpoint.load_dir {ck.load_dir} has no complete checkpoint")
+        if ck.pretrained:
+            load_checkpoint(ck.pretrained, model, None, None)
         return 0
     if ck.load_optimizer:
         return load_checkpoint(load_dir, model, optimizer, scheduler)

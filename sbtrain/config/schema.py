@@ -69,6 +69,27 @@ class MoEConfig:
 
 
 @dataclass
+class GLAConfig:
+    """Gated linear attention (``L`` layers), SpikingBrain-7B defaults."""
+
+    gate_rank: int = 16
+    """Width of the low-rank gate projection: hidden -> gate_rank -> kv dims."""
+    gate_normalizer: float = 16.0
+    """log decay = logsigmoid(gate) / gate_normalizer, so each step keeps sigmoid^(1/16)."""
+    feature_map: str = "relu"
+    """Non-negative map applied to q and k: ``relu`` (7B) or ``sigmoid`` (76B)."""
+
+    def __post_init__(self) -> None:
+        if self.gate_rank < 1:
+            raise ConfigError("must be >= 1", key="gla.gate_rank")
+        if self.gate_normalizer <= 0:
+            raise ConfigError("must be > 0", key="gla.gate_normalizer")
+        if self.feature_map not in ("relu", "sigmoid"):
+            raise ConfigError(f"unknown feature map {self.feature_map!r}; known: relu, sigmoid",
+                              key="gla.feature_map")
+
+
+@dataclass
 class ModelConfig:
     """Architecture. Sizes follow Megatron naming; the layer layout is one pattern string."""
 
@@ -92,6 +113,7 @@ class ModelConfig:
     sliding_window: int = 4096
     """Previous tokens each query sees in ``W``/``H`` mixers (plus itself)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
+    gla: GLAConfig = field(default_factory=GLAConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -218,6 +240,9 @@ class DataConfig:
     """Local tokenizer file (tokenizer.json) or directory; needed for ``indexed`` data."""
     cache_dir: str = ""
     """Where GPTDataset index caches go; empty means beside the run directory."""
+    document_mask: bool = False
+    """Packed documents: attention and the GLA state stop at EOD tokens (the tokenizer's EOD
+    id; token 0 for synthetic data). Off matches SpikingBrain's published training path."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("synthetic", "indexed"):
@@ -238,6 +263,9 @@ class CheckpointConfig:
     """Resume from the latest checkpoint here; empty means save_dir if it has one."""
     load_optimizer: bool = True
     """Restore optimizer and scheduler state (False: weights only, a fresh optimizer)."""
+    pretrained: str = ""
+    """Initial weights when there is nothing to resume (e.g. ``sbtrain convert`` output):
+    loaded weights-only at step 0 under any layout; a relaunch resumes from save_dir instead."""
     keep_last: int = 0
     """Delete older checkpoints beyond this many; 0 keeps all."""
 

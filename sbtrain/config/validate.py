@@ -46,6 +46,11 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("sequence_parallel needs tp > 1", key="parallel.sequence_parallel")
     if p.sp > 1 and cfg.train.seq_length % (2 * p.sp):
         raise ConfigError(f"seq_length must divide by 2*sp = {2 * p.sp}", key="train.seq_length")
+    if p.sp > 1:
+        # Megatron's context parallelism expects TE attention and pre-split batches; sbtrain's
+        # own mixers do not split sequences yet, so sp > 1 would silently repeat work.
+        raise ConfigError("sequence parallelism (sp > 1) is not implemented for sbtrain's "
+                          "mixers yet; use sp: 1", key="parallel.sp")
 
 
 def _check_pipeline_cuts(pattern: str, pp: int) -> None:

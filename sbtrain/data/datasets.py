@@ -180,6 +180,10 @@ class _TokenizerInfo:
                            vocab_size=self.vocab_size)
 
 
+# Synthetic samples are uniform random ids, so id 0 splits them into ~vocab_size-token documents.
+SYNTHETIC_EOD = 0
+
+
 def default_cache_dir(cfg: RunConfig) -> str:
     """``data.cache_dir``, or ``data_cache`` beside the run directory."""
     if cfg.data.cache_dir:
@@ -214,6 +218,13 @@ def build_datasets(cfg: RunConfig, num_samples: tuple[int, int],
         return (SyntheticDataset(train_samples, *args, seed=cfg.train.seed),
                 SyntheticDataset(valid_samples, *args, seed=cfg.train.seed + VALID_SEED_OFFSET))
     return _build_indexed(cfg, train_samples, valid_samples, cache_dir or default_cache_dir(cfg))
+
+
+def document_eod(cfg: RunConfig) -> int:
+    """The token id that ends a document: the tokenizer's EOD, or 0 for synthetic data."""
+    if cfg.data.kind == "synthetic":
+        return SYNTHETIC_EOD
+    return _tokenizer_info(cfg).eod
 
 
 def _build_indexed(cfg: RunConfig, train_samples: int, valid_samples: int,

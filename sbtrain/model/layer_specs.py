@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 
 from sbtrain.config.schema import MIXER_SYMBOLS, ModelConfig
@@ -20,7 +22,8 @@ def register_mixer(symbol: str) -> Callable[[Callable], Callable]:
     return wrap
 
 
-def _attention_layer(model: ModelConfig, ffn: str):
+def _local_layer(model: ModelConfig, ffn: str):
+    """Megatron's local (non-TE) layer spec: RMSNorm, SelfAttention, MLP or MoE."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return get_gpt_layer_local_spec(
@@ -30,7 +33,49 @@ def _attention_layer(model: ModelConfig, ffn: str):
     )
 
 
-register_mixer("*")(_attention_layer)
+def _with_mixer(layer, mixer_spec):
+    """``layer`` with its self-attention spec replaced (the rest of the layer is kept)."""
+    submodules = dataclasses.replace(layer.submodules, self_attention=mixer_spec)
+    return dataclasses.replace(layer, submodules=submodules)
+
+
+def _softmax_layer(model: ModelConfig, ffn: str, window: int | None):
+    from sbtrain.model.core_attention import SoftmaxCoreAttention
+
+    layer = _local_layer(model, ffn)
+    attention = layer.submodules.self_attention
+    core = functools.partial(SoftmaxCoreAttention, window=window)
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=core))
+    return _with_mixer(layer, attention)
+
+
+def _full_attention_layer(model: ModelConfig, ffn: str):
+    return _softmax_layer(model, ffn, window=None)
+
+
+def _sliding_window_layer(model: ModelConfig, ffn: str):
+    return _softmax_layer(model, ffn, window=model.sliding_window)
+
+
+def _gla_layer(model: ModelConfig, ffn: str):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from sbtrain.model.gla import GatedLinearAttention, GLASubmodules
+
+    gla = ModuleSpec(
+        module=GatedLinearAttention,
+        params=dict(gate_rank=model.gla.gate_rank, gate_normalizer=model.gla.gate_normalizer,
+                    feature_map=model.gla.feature_map, add_qkv_bias=model.qkv_bias),
+        submodules=GLASubmodules(linear_qkv=ColumnParallelLinear, linear_proj=RowParallelLinear),
+    )
+    return _with_mixer(_local_layer(model, ffn), gla)
+
+
+register_mixer("*")(_full_attention_layer)
+register_mixer("W")(_sliding_window_layer)
+register_mixer("L")(_gla_layer)
 
 
 def build_layer_specs(model: ModelConfig) -> list:

@@ -49,6 +49,9 @@ def to_megatron_config(cfg: RunConfig, params_dtype: torch.dtype):
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
+        # Per-layer checkpoint keys (decoder.layers.<i>.*): hybrid patterns give layers different
+        # parameters, which the default stacked [num_layers, ...] keys cannot describe.
+        hetereogenous_dist_checkpoint=True,
         # Upstream bug: batched p2p with pp=2 on gloo swaps send_prev/send_next messages.
         batch_p2p_comm=False,
         **moe,

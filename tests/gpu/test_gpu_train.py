@@ -28,3 +28,26 @@ def test_gpu_bf16_trains_close_to_fp32(tmp_path):
         # bf16 keeps 8 mantissa bits: relative error ~4e-3 per op, a few 1e-2 on the loss.
         assert abs(a["loss"] - b["loss"]) < 5e-2, (a, b)
     assert bf16[-1]["mfu"] is not None and bf16[-1]["mfu"] > 0
+
+
+# hidden 64 / 4 heads = head dim 16, the smallest that fla's and flex's kernels take.
+HYBRID = {"model.pattern": "L-W-L-W-", "model.sliding_window": 4, "data.document_mask": True,
+          "model.vocab_size": 16, "model.hidden_size": 64}
+# The fast paths (fla chunk_gla, flex_attention) need torch.compile, which the harness turns off.
+FAST = {"TORCH_COMPILE_DISABLE": "0"}
+
+
+def test_gpu_hybrid_fast_paths_match_cpu_reference(tmp_path):
+    cpu = harness.run(tmp_path, "cpu", 1, {**HYBRID, "train.precision": "fp32"},
+                      env={"SB_PLATFORM": "cpu"})
+    gpu = harness.run(tmp_path, "gpu", 1, {**HYBRID, "train.precision": "fp32"},
+                      env={"SB_PLATFORM": "cuda", **FAST})
+    # fla's chunk kernels use TF32 tensor-core dots even for fp32 inputs (~1e-3 relative).
+    harness.assert_same_curve(cpu, gpu, tol=3e-3)
+
+
+def test_gpu_hybrid_bf16_trains_close_to_fp32(tmp_path):
+    runs = {p: harness.run(tmp_path, p, 1, {**HYBRID, "train.precision": p},
+                           env={"SB_PLATFORM": "cuda", **FAST}) for p in ("fp32", "bf16")}
+    for a, b in zip(runs["fp32"], runs["bf16"]):
+        assert abs(a["loss"] - b["loss"]) < 5e-2, (a, b)

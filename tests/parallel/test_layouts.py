@@ -12,6 +12,14 @@ DENSE_LAYOUTS = {
     "tp2": (2, {"parallel.tp": 2}),
     "dp2_pp2": (4, {"parallel.pp": 2}),
 }
+# The 7B-style hybrid (GLA + sliding window 4 < seq 16) with packed-document masking.
+HYBRID = {"model.pattern": "L-W-L-W-", "model.sliding_window": 4, "data.document_mask": True,
+          "model.vocab_size": 16}
+HYBRID_LAYOUTS = {
+    "dp2": (2, {}),
+    "pp2": (2, {"parallel.pp": 2}),
+    "tp2": (2, {"parallel.tp": 2}),
+}
 MOE_LAYOUTS = {
     "ep2": (2, {"parallel.ep": 2}),
     "pp2_ep2": (4, {"parallel.pp": 2, "parallel.ep": 2}),
@@ -24,6 +32,7 @@ def baselines(tmp_path_factory):
     return {
         "dense": run(tmp, "dense", 1, {}),
         "moe": run(tmp, "moe", 1, {"model.pattern": MOE_PATTERN}),
+        "hybrid": run(tmp, "hybrid", 1, HYBRID),
     }
 
 
@@ -38,6 +47,12 @@ def test_moe_layout_matches_single_process(name, baselines, tmp_path):
     nproc, overrides = MOE_LAYOUTS[name]
     overrides = {"model.pattern": MOE_PATTERN, **overrides}
     assert_same_curve(baselines["moe"], run(tmp_path, name, nproc, overrides))
+
+
+@pytest.mark.parametrize("name", sorted(HYBRID_LAYOUTS))
+def test_hybrid_layout_matches_single_process(name, baselines, tmp_path):
+    nproc, overrides = HYBRID_LAYOUTS[name]
+    assert_same_curve(baselines["hybrid"], run(tmp_path, name, nproc, {**HYBRID, **overrides}))
 
 
 def test_baseline_learns(baselines):

@@ -1,0 +1,53 @@
+"""Softmax core attention for Megatron's SelfAttention: full causal or sliding window.
+
+Replaces Megatron's local ``DotProductAttention`` (which materialises the S x S scores and
+knows no sliding window or document mask) with ``ops.attention.softmax_attention``: SDPA
+flash or ``flex_attention`` on GPUs, an explicit masked softmax on the CPU.
+
+``attention_mask`` carries sbtrain's per-token segment ids ([b, s] integers, see
+``sbtrain.model.segments``) or None; attention never crosses a segment boundary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+
+class SoftmaxCoreAttention(MegatronModule):
+    """Causal softmax attention over [s, b, heads, d] tensors, GQA-aware.
+
+    Args:
+        window: keys each query sees before itself (4096 = itself + 4096 previous tokens,
+            flash-attn's ``window_size=(4096, 0)``); None means full causal attention.
+        The other arguments are Megatron's core-attention builder protocol; only the config's
+        head counts, the tensor-parallel size and ``softmax_scale`` are used.
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
+                 cp_comm_type: str | None = None, softmax_scale: float | None = None,
+                 pg_collection=None, window: int | None = None) -> None:
+        super().__init__(config=config)
+        tp = pg_collection.tp.size() if pg_collection is not None else 1
+        self.heads_per_partition = config.num_attention_heads // tp
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        self.window = window
+        self.layer_number = layer_number
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None) -> torch.Tensor:
+        from ops.attention import softmax_attention
+
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("SoftmaxCoreAttention takes neither attention_bias nor "
+                                      "packed_seq_params; packed documents use segment ids")
+        seq, batch = query.shape[:2]
+        # [s, b, h, d] -> [b, h, s, d], the layout of SDPA and flex_attention.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = softmax_attention(q, k, v, window=self.window, segment_ids=attention_mask,
+                                scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)

@@ -1,0 +1,115 @@
+"""Gated linear attention (SpikingBrain-7B's even layers) as a Megatron-Core mixer.
+
+Per token, with q/k/v from the softmax layer's projections (fused ``linear_qkv``, the same
+per-group layout as Megatron's SelfAttention so conversion and TP sharding are shared)::
+
+    q = relu(W_q x + b_q), k = relu(W_k x + b_k), v = W_v x + b_v   (GQA: kv heads per group)
+    log a = logsigmoid(W_up W_down x + b_up) / normalizer           (low-rank gate, per kv dim)
+    S_t = diag(a_t) S_{t-1} + k_t^T v_t,  o_t = d^-0.5 q_t S_t
+    y = W_o concat_heads(RMSNorm_d(o_t))                             (norm weight shared by heads)
+
+No RoPE, no output gate, no short convolution. Tensor parallel over heads: q/k/v, the gate's
+up-projection and o are sharded like attention; the gate's down-projection and the norm
+weight are replicated (their gradients are made whole across TP, see ``_NormWeight``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer.module import MegatronModule
+
+from sbtrain.model.segments import cu_seqlens_from_segments
+
+FEATURE_MAPS = {"relu": F.relu, "sigmoid": torch.sigmoid}
+
+
+@dataclass
+class GLASubmodules:
+    """Linear layer classes (Megatron's Column/RowParallelLinear by default)."""
+
+    linear_qkv: type
+    linear_proj: type
+
+
+class GatedLinearAttention(MegatronModule):
+    """SpikingBrain-7B's GLA layer over [s, b, h] hidden states; returns (output, bias)."""
+
+    def __init__(self, config, submodules: GLASubmodules, layer_number: int,
+                 pg_collection=None, gate_rank: int = 16, gate_normalizer: float = 16.0,
+                 feature_map: str = "relu", add_qkv_bias: bool = True, **unused) -> None:
+        super().__init__(config=config)
+        tp_group = pg_collection.tp
+        tp = tp_group.size()
+        heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
+        if heads % tp or groups % tp:
+            raise ValueError(f"GLA shards heads over TP: {heads} query heads and {groups} kv "
+                             f"heads must both divide by tp={tp}")
+        self.layer_number = layer_number
+        self.heads, self.groups, self.head_dim = heads // tp, groups // tp, dim
+        self.gate_normalizer = gate_normalizer
+        self.feature_map = FEATURE_MAPS[feature_map]
+        self.tp_group = tp_group
+        init = config.init_method
+        self.linear_qkv = submodules.linear_qkv(
+            config.hidden_size, (heads + 2 * groups) * dim, config=config, init_method=init,
+            gather_output=False, bias=add_qkv_bias, skip_bias_add=False, is_expert=False,
+            tp_group=tp_group)
+        # Low-rank gate: hidden -> rank (replicated) -> kv dims (sharded with the kv heads).
+        self.gate_down = torch.nn.Linear(config.hidden_size, gate_rank, bias=False)
+        self.gate_up = submodules.linear_qkv(
+            gate_rank, groups * dim, config=config, init_method=init, gather_output=False,
+            bias=True, skip_bias_add=False, is_expert=False, tp_group=tp_group)
+        self.g_norm_weight = torch.nn.Parameter(torch.ones(dim))
+        self.norm_eps = config.layernorm_epsilon
+        self.linear_proj = submodules.linear_proj(
+            heads * dim, config.hidden_size, config=config, init_method=config.output_layer_init_method,
+            bias=False, input_is_parallel=True, skip_bias_add=True, is_expert=False,
+            tp_group=tp_group)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **unused) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v, log_decay = self.project(hidden_states)
+        out = self.mix(q, k, v, log_decay, attention_mask)
+        out = self.output_norm(out)
+        seq, batch = hidden_states.shape[:2]
+        return self.linear_proj(out.transpose(0, 1).reshape(seq, batch, -1))
+
+    def project(self, hidden_states: torch.Tensor):
+        """[s, b, h] -> q [b, s, H, d], k/v/log-decay [b, s, G, d] (local heads)."""
+        seq, batch = hidden_states.shape[:2]
+        qkv, _ = self.linear_qkv(hidden_states)
+        per_group = self.heads // self.groups
+        qkv = qkv.view(seq, batch, self.groups, (per_group + 2) * self.head_dim)
+        q, k, v = torch.split(qkv, [per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        q = q.reshape(seq, batch, self.heads, self.head_dim)
+        gate, _ = self.gate_up(self.gate_down(hidden_states))
+        log_decay = F.logsigmoid(gate.float()) / self.gate_normalizer
+        log_decay = log_decay.view(seq, batch, self.groups, self.head_dim)
+        q, k = self.feature_map(q), self.feature_map(k)
+        return (t.transpose(0, 1) for t in (q, k, v, log_decay))
+
+    def mix(self, q, k, v, log_decay, segment_ids: torch.Tensor | None) -> torch.Tensor:
+        """The gated recurrence (ops.gla); packed documents restart the state per segment."""
+        from ops.gla import gla
+
+        if segment_ids is None:
+            out, _ = gla(q, k, v, log_decay, scale=self.head_dim ** -0.5)
+            return out
+        batch, seq = q.shape[:2]
+        cu_seqlens = cu_seqlens_from_segments(segment_ids)
+        flat = [t.reshape(1, batch * seq, *t.shape[2:]) for t in (q, k, v, log_decay)]
+        out, _ = gla(*flat, scale=self.head_dim ** -0.5, cu_seqlens=cu_seqlens)
+        return out.reshape(batch, seq, *out.shape[2:])
+
+    def output_norm(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm over d in fp32 (the recurrence has no softmax denominator)."""
+        x = out.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        # Each TP rank sees only its heads, so the shared weight's gradient is partial:
+        # copy_to_tensor_model_parallel_region all-reduces it over TP in backward.
+        weight = copy_to_tensor_model_parallel_region(self.g_norm_weight, group=self.tp_group)
+        return (x * weight.float()).to(out.dtype)
