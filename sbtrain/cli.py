@@ -1,4 +1,4 @@
-"""``sbtrain`` command: train, plan, preprocess."""
+"""``sbtrain`` command: train, plan, stages, preprocess, convert."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ commands:
                                   parameters, FLOPs per token and memory per rank, no device
   preprocess --input X.jsonl --output-prefix P --tokenizer T
                                   jsonl text -> Megatron .bin/.idx
+  stages CONFIG                   the names of the config's training stages, one per line
+  convert hf-to-sbtrain --hf DIR --config YAML --out CKPT
+  convert sbtrain-to-hf --config YAML --checkpoint CKPT --out DIR
+  convert upcycle --dense CKPT --config MOE_YAML --out CKPT
+                                  HF Qwen2 / SpikingBrain-7B <-> sbtrain checkpoints
 """
 
 
@@ -32,13 +37,28 @@ def plan_main(argv: list[str]) -> int:
                         help="device memory to check the fit against (repeatable), e.g. 64 80")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, stage=args.stage)
         plan = make_plan(cfg, world_size=args.world_size,
                          device_memory_gib=args.device_gib or [64.0, 80.0])
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def stages_main(argv: list[str]) -> int:
+    from sbtrain.config import stage_names
+
+    if len(argv) != 1:
+        print("usage: sbtrain stages CONFIG", file=sys.stderr)
+        return 2
+    try:
+        names = stage_names(argv[0])
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(names))
     return 0
 
 
@@ -58,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         from sbtrain.data.preprocess import main as preprocess_main
 
         return preprocess_main(rest)
+    if command == "stages":
+        return stages_main(rest)
+    if command == "convert":
+        from sbtrain.convert import main as convert_main
+
+        return convert_main(rest)
     print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,101 @@
+"""``sbtrain convert``: HF Qwen2 / SpikingBrain-7B directories <-> sbtrain checkpoints.
+
+    sbtrain convert hf-to-sbtrain --hf DIR --config YAML --out CKPT [--dtype bf16]
+    sbtrain convert sbtrain-to-hf --config YAML --checkpoint CKPT --out DIR [--dtype bf16]
+    sbtrain convert upcycle --dense CKPT --config MOE_YAML --out CKPT [--scheme paper|exact]
+
+``hf-to-sbtrain`` reads a ``Qwen2ForCausalLM`` (or an exported ``GLAswaForCausalLM``)
+directory and writes a weights-only sbtrain checkpoint; start training from it with
+``checkpoint.pretrained: CKPT`` at any TP/PP/DP layout. ``sbtrain-to-hf`` writes the
+official SpikingBrain-7B layout (``model_type: gla_swa``). ``upcycle`` turns a dense
+checkpoint into the MoE model of a config (``sbtrain.convert.upcycle``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def hf_to_sbtrain(hf_dir: str, config: str, out: str, dtype: str = "fp32",
+                  overrides: list[str] | None = None) -> Path:
+    """Convert ``hf_dir`` into a sbtrain checkpoint for the model of ``config``."""
+    from sbtrain.config import load_config
+    from sbtrain.convert.hf_io import read_hf_dir
+    from sbtrain.convert.mapping import check_hf_matches, hf_layout
+    from sbtrain.convert.mapping import hf_to_sbtrain as map_weights
+    from sbtrain.convert.session import load_tensors, one_process_model, save_weights
+
+    cfg = load_config(config, overrides)
+    hf_config, tensors = read_hf_dir(hf_dir)
+    layout = hf_layout(hf_config)
+    check_hf_matches(hf_config, cfg.model)
+    print(f"read {len(tensors)} tensors ({layout}) from {hf_dir}", flush=True)
+    state = map_weights(tensors, cfg.model, layout, seed=cfg.train.seed)
+    with one_process_model(cfg, DTYPES[dtype]) as model:
+        load_tensors(model, state)
+        path = save_weights(model, out)
+    print(f"wrote sbtrain checkpoint {path} (pattern {cfg.model.pattern!r})", flush=True)
+    return path
+
+
+def sbtrain_to_hf(config: str, checkpoint: str, out: str, dtype: str = "bf16",
+                  eod_id: int | None = None, overrides: list[str] | None = None) -> Path:
+    """Export a sbtrain checkpoint to a HF directory in the official SpikingBrain-7B layout."""
+    from sbtrain.config import load_config
+    from sbtrain.convert.hf_io import write_hf_dir
+    from sbtrain.convert.mapping import official_config, sbtrain_to_official
+    from sbtrain.convert.session import load_weights, model_tensors, one_process_model
+
+    cfg = load_config(config, overrides)
+    hf_config = official_config(cfg.model, DTYPES[dtype], eod_id)
+    with one_process_model(cfg, torch.float32) as model:
+        step = load_weights(model, checkpoint)
+        tensors = sbtrain_to_official(model_tensors(model), cfg.model)
+    tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
+    files = write_hf_dir(out, hf_config, tensors)
+    print(f"wrote {len(tensors)} tensors from step {step} to {out} ({len(files)} file(s))",
+          flush=True)
+    return Path(out)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["upcycle"]:
+        from sbtrain.convert.upcycle import main as upcycle_main
+
+        return upcycle_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="sbtrain convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="direction", required=True)
+    into = sub.add_parser("hf-to-sbtrain", help="HF directory -> sbtrain checkpoint")
+    into.add_argument("--hf", required=True, help="HF model directory (config.json, safetensors)")
+    into.add_argument("--out", required=True, help="sbtrain checkpoint directory to write")
+    into.add_argument("--dtype", choices=DTYPES, default="fp32", help="stored weight dtype")
+    back = sub.add_parser("sbtrain-to-hf", help="sbtrain checkpoint -> official HF layout")
+    back.add_argument("--checkpoint", required=True, help="sbtrain checkpoint directory")
+    back.add_argument("--out", required=True, help="HF directory to write")
+    back.add_argument("--dtype", choices=DTYPES, default="bf16", help="exported weight dtype")
+    back.add_argument("--eod-id", type=int, default=None,
+                      help="bos/eos id for config.json (Qwen2.5: 151643)")
+    for p in (into, back):
+        p.add_argument("--config", required=True, help="sbtrain YAML describing the model")
+        p.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="SECTION.KEY=VALUE", help="override one config value")
+    args = parser.parse_args(argv)
+    from sbtrain.config import ConfigError
+
+    try:
+        if args.direction == "hf-to-sbtrain":
+            hf_to_sbtrain(args.hf, args.config, args.out, args.dtype, args.overrides)
+        else:
+            sbtrain_to_hf(args.config, args.checkpoint, args.out, args.dtype, args.eod_id,
+                          args.overrides)
+    except (ConfigError, ValueError, KeyError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"convert error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,123 @@
+"""``sbtrain convert``: tiny random HF Qwen2 models built locally (no hub downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from sbtrain.config import load_config
+from sbtrain.convert import hf_to_sbtrain, main, sbtrain_to_hf
+from sbtrain.convert.hf_io import read_hf_dir
+from sbtrain.convert.session import load_weights, model_tensors, one_process_model
+
+transformers = pytest.importorskip("transformers")
+
+SEQ = 20
+QWEN = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, rope_theta=1e6,
+            rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False)
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    """A random Qwen2ForCausalLM saved as safetensors, with non-trivial biases and norms."""
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**QWEN, attn_implementation="eager"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", "bias")):
+                param.add_(0.3 * torch.randn_like(param))
+    path = tmp_path_factory.mktemp("qwen2")
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def write_yaml(path, pattern: str, window: int = 4096) -> str:
+    model = dict(pattern=pattern, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                 ffn_hidden_size=48, vocab_size=64, max_position_embeddings=64,
+                 sliding_window=window, norm_eps=1e-6)
+    path.write_text(yaml.safe_dump({"model": model}))
+    return str(path)
+
+
+def hf_logits(hf_dir, tokens):
+    model = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def sbtrain_logits(config: str, ckpt, tokens):
+    with one_process_model(load_config(config)) as model:
+        load_weights(model, ckpt)
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        with torch.no_grad():
+            return model(tokens, positions, None)
+
+
+@pytest.mark.parametrize("pattern,window", [("*-*-*-*-", 4096), ("W-W-W-W-", SEQ)])
+def test_converted_softmax_model_reproduces_qwen2_logits(qwen_dir, tmp_path, pattern, window):
+    config = write_yaml(tmp_path / "m.yaml", pattern, window)
+    ckpt = hf_to_sbtrain(str(qwen_dir), config, str(tmp_path / "ckpt"))
+    tokens = torch.randint(0, 64, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    ref, ours = hf_logits(qwen_dir, tokens), sbtrain_logits(config, ckpt.parent, tokens)
+    assert (ours - ref).abs().max().item() < 1e-4, (ours - ref).abs().max().item()
+
+
+def test_convert_export_reimport_is_lossless(qwen_dir, tmp_path):
+    config = write_yaml(tmp_path / "hybrid.yaml", "L-W-L-W-")
+    first = hf_to_sbtrain(str(qwen_dir), config, str(tmp_path / "a")).parent
+    exported = sbtrain_to_hf(config, str(first), str(tmp_path / "hf"), dtype="fp32")
+    hf_config, tensors = read_hf_dir(exported)
+    assert hf_config["architectures"] == ["GLAswaForCausalLM"]
+    assert hf_config["model_type"] == "gla_swa" and hf_config["attn_layers"] == [1, 3]
+    assert "model.layers.0.attn.gk_proj.1.bias" in tensors and "model.layers.0.attn.g_norm.weight" in tensors
+    assert "model.layers.1.attn.gk_proj.0.weight" not in tensors
+    second = hf_to_sbtrain(str(exported), config, str(tmp_path / "b")).parent
+    cfg = load_config(config)
+    with one_process_model(cfg) as model:
+        load_weights(model, first)
+        a = {k: v.clone() for k, v in model_tensors(model).items()}
+        load_weights(model, second)
+        b = model_tensors(model)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # The reused Qwen2 projections arrive unchanged in the official layout.
+    _, qwen = read_hf_dir(qwen_dir)
+    for name in ("q_proj.weight", "k_proj.bias", "o_proj.weight"):
+        assert torch.equal(tensors[f"model.layers.0.attn.{name}"],
+                           qwen[f"model.layers.0.self_attn.{name}"])
+
+
+def test_new_gla_parameters_follow_the_documented_init(qwen_dir, tmp_path):
+    config = write_yaml(tmp_path / "hybrid.yaml", "L-W-L-W-")
+    ckpt = hf_to_sbtrain(str(qwen_dir), config, str(tmp_path / "c")).parent
+    with one_process_model(load_config(config)) as model:
+        load_weights(model, ckpt)
+        state = model_tensors(model)
+    prefix = "decoder.layers.0.self_attention."
+    assert torch.equal(state[prefix + "g_norm_weight"], torch.ones(8))
+    assert torch.equal(state[prefix + "gate_up.bias"], torch.zeros(16))
+    bound = 2 ** -2.5 * (6 / (32 + 16)) ** 0.5          # xavier_uniform, fan 32 -> 16
+    down = state[prefix + "gate_down.weight"]
+    assert down.abs().max() <= bound and down.std() > bound / 4
+
+
+def test_mismatched_config_names_the_key(qwen_dir, tmp_path, capsys):
+    config = tmp_path / "wrong.yaml"
+    config.write_text(yaml.safe_dump({"model": {"pattern": "L-W-L-W-", "hidden_size": 64,
+                                                "num_attention_heads": 4, "num_query_groups": 2,
+                                                "ffn_hidden_size": 48, "vocab_size": 64}}))
+    code = main(["hf-to-sbtrain", "--hf", str(qwen_dir), "--config", str(config),
+                 "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "model.hidden_size=64 but HF hidden_size=32" in capsys.readouterr().err
+
+
+def test_export_refuses_layouts_the_official_class_cannot_hold(qwen_dir, tmp_path):
+    config = write_yaml(tmp_path / "soft.yaml", "*-*-*-*-")
+    ckpt = hf_to_sbtrain(str(qwen_dir), config, str(tmp_path / "d")).parent
+    with pytest.raises(ValueError, match="even and SWA on odd"):
+        sbtrain_to_hf(config, str(ckpt), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf" / "config.json").exists()
