@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sbtrain.config import ConfigError, load_config
+from sbtrain.config import ConfigError, load_config, stage_names
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run configuration (YAML)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    parser.add_argument("--stage", default=None,
+                        help="run this stage of the config's stages list (see docs/training.md)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, stage=args.stage)
+        if args.stage is None and stage_names(args.config):
+            raise ConfigError(f"this config has stages {stage_names(args.config)}: pass --stage "
+                              "NAME (the example scripts run them in order)", key="stages",
+                              source=args.config)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Run configuration: typed sections loaded strictly from YAML."""
 
 from sbtrain.config.errors import ConfigError
-from sbtrain.config.load import dump_config, load_config
+from sbtrain.config.load import dump_config, load_config, stage_names
 from sbtrain.config.schema import (
     CheckpointConfig,
     DataConfig,
@@ -19,5 +19,5 @@ from sbtrain.config.validate import validate
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "OptimConfig",
     "ParallelConfig", "ProfilerConfig", "RunConfig", "TrainConfig", "dump_config", "load_config",
-    "parse_pattern", "validate",
+    "parse_pattern", "stage_names", "validate",
 ]

@@ -13,13 +13,39 @@ import yaml
 
 from sbtrain.config.errors import ConfigError
 from sbtrain.config.schema import RunConfig
+from sbtrain.config.stages import apply_stage, read_stages
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read ``path``, apply ``overrides`` (``a.b=c``), and return a checked RunConfig.
-
-    Any problem raises ConfigError naming the key and the file.
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                stage: str | None = None) -> RunConfig:
+    """Read ``path``, apply stage ``stage`` and then ``overrides`` (``a.b=c``); return a
+    checked RunConfig. Every stage of the file is checked too, so a typo in a later stage
+    fails at the first launch. Any problem raises ConfigError naming the key and the file.
     """
+    source = str(path)
+    raw = _read_yaml(path)
+    try:
+        stages = read_stages(raw)
+        for item in stages:
+            _check_stage(raw, stages, item.name)
+        if stage is not None:
+            raw = apply_stage(raw, stages, stage)
+        for item in overrides or []:
+            apply_override(raw, item)
+        return from_dict(RunConfig, raw)
+    except ConfigError as exc:
+        raise exc.with_source(source) from None
+
+
+def stage_names(path: str | Path) -> list[str]:
+    """The names of the ``stages`` in the YAML at ``path``, in order (empty if none)."""
+    try:
+        return [s.name for s in read_stages(_read_yaml(path))]
+    except ConfigError as exc:
+        raise exc.with_source(str(path)) from None
+
+
+def _read_yaml(path: str | Path) -> dict:
     source = str(path)
     try:
         text = Path(path).read_text()
@@ -31,12 +57,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"invalid YAML: {exc}", source=source) from None
     if not isinstance(raw, dict):
         raise ConfigError("top level must be a mapping of sections", source=source)
+    return raw
+
+
+def _check_stage(raw: dict, stages: list, name: str) -> None:
     try:
-        for item in overrides or []:
-            apply_override(raw, item)
-        return from_dict(RunConfig, raw)
+        from_dict(RunConfig, apply_stage(raw, stages, name))
     except ConfigError as exc:
-        raise exc.with_source(source) from None
+        raise ConfigError(f"in stage {name!r}: {exc.message}", key=exc.key) from None
 
 
 def apply_override(raw: dict, item: str) -> None:
