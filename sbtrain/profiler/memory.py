@@ -9,7 +9,8 @@ over ep and each expert over tp (Megatron's default expert_tensor_parallel_size 
 
 Bytes per parameter (``precision``; ``auto`` = bf16 unless ``device_type`` is ``cpu``):
 
-- bf16: param 2 + grad 2 (mcore DDP default ``grad_reduce_in_fp32=False``) + optimizer 12
+- bf16: param 2 + grad 4 (sbtrain builds Megatron DDP with ``grad_reduce_in_fp32=True``) +
+  optimizer 12
   (fp32 master copy 4 + Adam m 4 + v 4);
 - fp32: param 4 + grad 4 + optimizer 8 (m, v; the params are their own master copy).
 
@@ -54,7 +55,8 @@ def resolve_bytes(precision: str, device_type: str = "cuda", bytes_per_param: fl
         precision = "fp32" if device_type == "cpu" else "bf16"
     half = precision == "bf16"
     param = bytes_per_param if bytes_per_param is not None else (2 if half else 4)
-    grad = bytes_per_grad if bytes_per_grad is not None else param
+    # Gradients live in fp32 main_grad buffers (trainer_setup: grad_reduce_in_fp32=True).
+    grad = bytes_per_grad if bytes_per_grad is not None else 4
     # A fp32 master copy exists only when the model params are narrower than fp32.
     optimizer = 8 + (4 if param < 4 else 0)
     return Bytes(param=param, grad=grad, optimizer=optimizer, activation=2 if half else 4)

@@ -1,0 +1,111 @@
+"""Training-step benchmark: hybrid (GLA + SWA) vs all-softmax layouts, side by side.
+
+    python3 bench/bench_model.py [--layers 8] [--seqs 8192 32768] [--steps 6] [--out DIR]
+
+Each (layout, sequence length) is one real ``sbtrain.train`` launch on this machine's first
+GPU (synthetic data, bf16, full recompute, micro-batch 1, one sequence per step) at
+SpikingBrain-7B width (hidden 3584, 28/4 heads, FFN 18944, vocab 152064). The profiler's
+``profile.json`` gives tokens/s, MFU (model FLOPs per layer type vs the device peak) and the
+peak memory; the first step is left out as warm-up. Prints a markdown table with the
+hybrid/softmax ratios and writes ``results.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WIDTH_7B = {"model.hidden_size": 3584, "model.num_attention_heads": 28,
+            "model.num_query_groups": 4, "model.ffn_hidden_size": 18944,
+            "model.vocab_size": 152064, "model.max_position_embeddings": 131072,
+            "model.sliding_window": 4096}
+
+
+def layouts(layers: int) -> dict[str, str]:
+    """Hybrid = SpikingBrain-7B's alternation; baseline = the Qwen2 all-softmax layout."""
+    return {"hybrid": "L-W-" * (layers // 2), "softmax": "*-" * layers}
+
+
+def run_one(name: str, pattern: str, seq: int, steps: int, out: Path) -> dict:
+    run_dir = out / f"{name}_{seq}"
+    sets = {**WIDTH_7B, "model.pattern": pattern, "train.seq_length": seq,
+            "train.micro_batch_size": 1, "train.global_batch_size": 1, "train.train_iters": steps,
+            "train.precision": "bf16", "train.recompute": True, "train.eval_interval": 0,
+            "train.log_interval": 1, "train.run_dir": str(run_dir), "data.kind": "synthetic"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           "-m", "sbtrain.train", str(REPO / "examples/configs/tiny.yaml")]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    print(f"== {name} seq {seq}: {pattern}", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "log.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines()
+                  if "Error" in line or "error:" in line]
+        oom = any("out of memory" in line.lower() for line in errors)
+        print(f"   failed ({'OOM' if oom else proc.returncode}); log: {run_dir / 'log.txt'}\n"
+              + "\n".join(errors[-8:]))
+        return {"name": name, "seq": seq, "error": "OOM" if oom else f"exit {proc.returncode}"}
+    summary = json.loads((run_dir / "profile.json").read_text())
+    result = {"name": name, "seq": seq, "tokens_per_s": summary["tokens_per_s"]["median"],
+              "mfu": summary["mfu"]["median"], "peak_gib": summary["peak_memory_gib"],
+              "step_s": summary["step_time_s"]["median"], "peak_source": summary["peak_source"]}
+    print(f"   {result}", flush=True)
+    return result
+
+
+def table(results: list[dict], seqs: list[int]) -> str:
+    by = {(r["name"], r["seq"]): r for r in results}
+    lines = ["| seq | layout | tokens/s | MFU | peak GiB | hybrid/softmax tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for seq in seqs:
+        for name in ("hybrid", "softmax"):
+            r = by.get((name, seq), {})
+            if "error" in r or not r:
+                lines.append(f"| {seq} | {name} | {r.get('error', 'not run')} | | | |")
+                continue
+            ratio = ""
+            other = by.get(("softmax", seq), {})
+            if name == "hybrid" and "tokens_per_s" in other:
+                ratio = f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}x"
+            lines.append(f"| {seq} | {name} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
+                         f"{r['peak_gib']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8, help="layers (even) of both layouts")
+    parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--only", choices=["hybrid", "softmax"], default=None)
+    parser.add_argument("--out", default="runs/bench_model")
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_model needs a CUDA/MACA GPU", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = [run_one(name, pattern, seq, args.steps, out)
+               for seq in args.seqs for name, pattern in layouts(args.layers).items()
+               if args.only in (None, name)]
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{torch.cuda.get_device_name()} | {args.layers} layers at 7B width\n")
+    print(table(results, args.seqs))
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
