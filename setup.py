@@ -24,6 +24,8 @@ setup(
         "fla-core",
         "einops",
         "tokenizers",
+        # sbtrain convert reads and writes HF checkpoints (safetensors files).
+        "safetensors",
     ],
     extras_require={
         "test": ["pytest", "transformers", "safetensors", "matplotlib"],

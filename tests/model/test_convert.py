@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 import yaml
 
 from sbtrain.config import load_config
 from sbtrain.convert import hf_to_sbtrain, main, sbtrain_to_hf
 from sbtrain.convert.hf_io import read_hf_dir
 from sbtrain.convert.session import load_weights, model_tensors, one_process_model
-
-transformers = pytest.importorskip("transformers")
 
 SEQ = 20
 QWEN = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
@@ -121,3 +120,28 @@ def test_export_refuses_layouts_the_official_class_cannot_hold(qwen_dir, tmp_pat
     with pytest.raises(ValueError, match="even and SWA on odd"):
         sbtrain_to_hf(config, str(ckpt), str(tmp_path / "hf"))
     assert not (tmp_path / "hf" / "config.json").exists()
+
+
+def test_converted_checkpoint_loads_under_tp2_and_pp2(tmp_path):
+    """One conversion serves every layout: TP2 and PP2 runs started from it reproduce the
+    one-process run, which differs from a fresh initialisation (so the weights were used)."""
+    from tests.parallel.harness import TINY, assert_same_curve, run
+
+    qwen = dict(QWEN, hidden_size=TINY["model"]["hidden_size"],
+                intermediate_size=TINY["model"]["ffn_hidden_size"],
+                vocab_size=TINY["model"]["vocab_size"])
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**qwen))
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    model = {**TINY["model"], "pattern": "L-W-L-W-", "sliding_window": 4, "norm_eps": 1e-6}
+    config = tmp_path / "m.yaml"
+    config.write_text(yaml.safe_dump({"model": model}))
+    ckpt = hf_to_sbtrain(str(tmp_path / "hf"), str(config), str(tmp_path / "ckpt")).parent
+    overrides = {"model.pattern": "L-W-L-W-", "model.sliding_window": 4,
+                 "checkpoint.pretrained": str(ckpt)}
+    single = run(tmp_path, "one", 1, overrides)
+    assert_same_curve(single, run(tmp_path, "tp2", 2, {**overrides, "parallel.tp": 2}))
+    assert_same_curve(single, run(tmp_path, "pp2", 2, {**overrides, "parallel.pp": 2}))
+    fresh = run(tmp_path, "fresh", 1, {k: v for k, v in overrides.items()
+                                       if k != "checkpoint.pretrained"})
+    assert abs(fresh[0]["loss"] - single[0]["loss"]) > 1e-3
