@@ -11,6 +11,7 @@ from sbtrain.config.schema import (
     ParallelConfig,
     ProfilerConfig,
     RunConfig,
+    SpikingConfig,
     TrainConfig,
     parse_pattern,
 )
@@ -18,6 +19,6 @@ from sbtrain.config.validate import validate
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "OptimConfig",
-    "ParallelConfig", "ProfilerConfig", "RunConfig", "TrainConfig", "dump_config", "load_config",
+    "ParallelConfig", "ProfilerConfig", "RunConfig", "SpikingConfig", "TrainConfig", "dump_config", "load_config",
     "parse_pattern", "stage_names", "validate",
 ]

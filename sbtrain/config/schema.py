@@ -281,6 +281,24 @@ class ProfilerConfig:
 
 
 @dataclass
+class SpikingConfig:
+    """SpikingBrain's adaptive-threshold neuron on the inputs of every linear projection."""
+
+    enabled: bool = False
+    k: float = 3.0
+    """V_th = mean(|x|) / k per token: a larger k gives a lower threshold and more spikes."""
+    vth_min: float = 1e-5
+    """Clamp of V_th (the official code's bounds), so an all-zero token gives zero spikes."""
+    vth_max: float = 1e4
+
+    def __post_init__(self) -> None:
+        if self.k <= 0:
+            raise ConfigError("must be > 0", key="spiking.k")
+        if not 0 < self.vth_min <= self.vth_max:
+            raise ConfigError("need 0 < vth_min <= vth_max", key="spiking.vth_min")
+
+
+@dataclass
 class RunConfig:
     """The whole run: one section per component."""
 
@@ -291,3 +309,4 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+    spiking: SpikingConfig = field(default_factory=SpikingConfig)

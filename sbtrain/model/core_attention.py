@@ -20,6 +20,7 @@ class SoftmaxCoreAttention(MegatronModule):
     """Causal softmax attention over [s, b, heads, d] tensors, GQA-aware.
 
     Args:
+        query_neuron: optional spiking neuron applied to the queries (sliding-window layers).
         window: keys each query sees before itself (4096 = itself + 4096 previous tokens,
             flash-attn's ``window_size=(4096, 0)``); None means full causal attention.
         The other arguments are Megatron's core-attention builder protocol; only the config's
@@ -28,13 +29,15 @@ class SoftmaxCoreAttention(MegatronModule):
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
                  cp_comm_type: str | None = None, softmax_scale: float | None = None,
-                 pg_collection=None, window: int | None = None) -> None:
+                 pg_collection=None, window: int | None = None, query_neuron=None) -> None:
         super().__init__(config=config)
         tp = pg_collection.tp.size() if pg_collection is not None else 1
         self.heads_per_partition = config.num_attention_heads // tp
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.window = window
+        # Spiking (W8ASpike): sliding-window layers spike their queries, per token and head.
+        self.query_neuron = query_neuron
         self.layer_number = layer_number
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -46,6 +49,8 @@ class SoftmaxCoreAttention(MegatronModule):
             raise NotImplementedError("SoftmaxCoreAttention takes neither attention_bias nor "
                                       "packed_seq_params; packed documents use segment ids")
         seq, batch = query.shape[:2]
+        if self.query_neuron is not None:
+            query = self.query_neuron(query)
         # [s, b, h, d] -> [b, h, s, d], the layout of SDPA and flex_attention.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = softmax_attention(q, k, v, window=self.window, segment_ids=attention_mask,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
@@ -40,7 +41,8 @@ class GatedLinearAttention(MegatronModule):
 
     def __init__(self, config, submodules: GLASubmodules, layer_number: int,
                  pg_collection=None, gate_rank: int = 16, gate_normalizer: float = 16.0,
-                 feature_map: str = "relu", add_qkv_bias: bool = True, **unused) -> None:
+                 feature_map: str = "relu", add_qkv_bias: bool = True, input_neuron=None,
+                 **unused) -> None:
         super().__init__(config=config)
         tp_group = pg_collection.tp
         tp = tp_group.size()
@@ -53,6 +55,8 @@ class GatedLinearAttention(MegatronModule):
         self.gate_normalizer = gate_normalizer
         self.feature_map = FEATURE_MAPS[feature_map]
         self.tp_group = tp_group
+        # Spiking: the gate's down-projection sees the spiked input, as linear_qkv does.
+        self.input_neuron = input_neuron
         init = config.init_method
         self.linear_qkv = submodules.linear_qkv(
             config.hidden_size, (heads + 2 * groups) * dim, config=config, init_method=init,
@@ -60,7 +64,9 @@ class GatedLinearAttention(MegatronModule):
             tp_group=tp_group)
         # Low-rank gate: hidden -> rank (replicated) -> kv dims (sharded with the kv heads).
         self.gate_down = torch.nn.Linear(config.hidden_size, gate_rank, bias=False)
-        self.gate_up = submodules.linear_qkv(
+        # Always a plain ColumnParallelLinear: W8ASpike spikes the gate's input x (collapsing
+        # both factors into one projection), never this rank-16 intermediate.
+        self.gate_up = ColumnParallelLinear(
             gate_rank, groups * dim, config=config, init_method=init, gather_output=False,
             bias=True, skip_bias_add=False, is_expert=False, tp_group=tp_group)
         self.g_norm_weight = torch.nn.Parameter(torch.ones(dim))
@@ -86,7 +92,8 @@ class GatedLinearAttention(MegatronModule):
         qkv = qkv.view(seq, batch, self.groups, (per_group + 2) * self.head_dim)
         q, k, v = torch.split(qkv, [per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
         q = q.reshape(seq, batch, self.heads, self.head_dim)
-        gate, _ = self.gate_up(self.gate_down(hidden_states))
+        gate_input = hidden_states if self.input_neuron is None else self.input_neuron(hidden_states)
+        gate, _ = self.gate_up(self.gate_down(gate_input))
         log_decay = F.logsigmoid(gate.float()) / self.gate_normalizer
         log_decay = log_decay.view(seq, batch, self.groups, self.head_dim)
         q, k = self.feature_map(q), self.feature_map(k)

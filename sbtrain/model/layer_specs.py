@@ -6,7 +6,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
-from sbtrain.config.schema import MIXER_SYMBOLS, ModelConfig
+from sbtrain.config.schema import MIXER_SYMBOLS, ModelConfig, SpikingConfig
 
 # mixer symbol -> function(model_cfg, ffn_symbol) -> ModuleSpec of a whole TransformerLayer.
 _LAYER_BUILDERS: dict[str, Callable] = {}
@@ -78,8 +78,13 @@ register_mixer("W")(_sliding_window_layer)
 register_mixer("L")(_gla_layer)
 
 
-def build_layer_specs(model: ModelConfig) -> list:
-    """One TransformerLayer spec per layer of ``model.pattern``."""
+def build_layer_specs(model: ModelConfig, spiking: SpikingConfig | None = None) -> list:
+    """One TransformerLayer spec per layer of ``model.pattern`` (spiking linears if enabled)."""
+    neuron = None
+    if spiking is not None and spiking.enabled:
+        from sbtrain.spiking.layers import Neuron
+
+        neuron = Neuron(spiking.k, spiking.vth_min, spiking.vth_max)
     specs = []
     for index, (mixer, ffn) in enumerate(model.layers):
         if mixer not in _LAYER_BUILDERS:
@@ -87,5 +92,24 @@ def build_layer_specs(model: ModelConfig) -> list:
                 f"layer {index}: mixer {mixer!r} ({MIXER_SYMBOLS[mixer]}) has no implementation "
                 f"yet; available: {sorted(_LAYER_BUILDERS)}"
             )
-        specs.append(_LAYER_BUILDERS[mixer](model, ffn))
+        spec = _LAYER_BUILDERS[mixer](model, ffn)
+        specs.append(spec if neuron is None else _spiking(spec, neuron))
     return specs
+
+
+def _spiking(layer, neuron):
+    """Spiking parallel linears everywhere, plus the neuron on GLA's gate input and on
+    sliding-window queries (SpikingBrain's W8ASpike spikes exactly these inputs)."""
+    from sbtrain.spiking.layers import with_spiking_linears
+
+    layer = with_spiking_linears(layer, neuron)
+    mixer = layer.submodules.self_attention
+    if mixer.module.__name__ == "GatedLinearAttention":
+        mixer = dataclasses.replace(mixer, params={**mixer.params, "input_neuron": neuron})
+    else:
+        core = mixer.submodules.core_attention
+        if isinstance(core, functools.partial) and core.keywords.get("window") is not None:
+            core = functools.partial(core, query_neuron=neuron)
+            mixer = dataclasses.replace(
+                mixer, submodules=dataclasses.replace(mixer.submodules, core_attention=core))
+    return _with_mixer(layer, mixer)

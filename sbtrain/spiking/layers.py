@@ -1,0 +1,85 @@
+"""Spiking activations in the model: the adaptive-threshold neuron on linear-layer inputs.
+
+With the YAML's ``spiking.enabled``, every Column/RowParallelLinear built from a layer spec
+(attention q/k/v and o in every mixer, the FFN and expert projections) first turns its input
+into ``V_th * round(x / V_th)`` with ``V_th = mean|x| / k`` per token (``ops.spike``,
+straight-through gradient); the GLA gate projection and sliding-window queries get the same
+neuron in their modules. Embeddings, the LM head, the router, norms and the recurrences stay
+untouched, as in SpikingBrain's W8ASpike.
+
+A RowParallelLinear under tensor parallelism sees only its slice of each token's features,
+so its threshold sums |x| over the TP group first: the spikes are those of the whole row, the
+same under any TP size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class Neuron:
+    """Threshold parameters of the neuron (see ``ops.spike``)."""
+
+    k: float = 3.0
+    vth_min: float = 1e-5
+    vth_max: float = 1e4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from ops.spike import spike_activation
+
+        return spike_activation(x, self.k, self.vth_min, self.vth_max)
+
+    def sharded(self, x: torch.Tensor, group) -> torch.Tensor:
+        """The neuron over rows split along the last dim across ``group`` (STE gradient)."""
+        total = x.detach().abs().float().sum(-1, keepdim=True)
+        dist.all_reduce(total, group=group)
+        width = x.shape[-1] * dist.get_world_size(group)
+        vth = (total / width / self.k).clamp(self.vth_min, self.vth_max)
+        spiked = (torch.round(x.detach().float() / vth) * vth).to(x.dtype)
+        # Straight-through: the forward value is the spiked one, the gradient is identity.
+        return x + (spiked - x).detach()
+
+
+class _SpikingInput:
+    """Mixin: spike the input, then run the parallel linear layer unchanged."""
+
+    neuron: Neuron
+
+    def forward(self, input_: torch.Tensor, *args: Any, **kwargs: Any):
+        group = getattr(self, "tp_group", None)
+        sharded = getattr(self, "input_is_parallel", False) and group is not None \
+            and dist.get_world_size(group) > 1
+        spiked = self.neuron.sharded(input_, group) if sharded else self.neuron(input_)
+        return super().forward(spiked, *args, **kwargs)
+
+
+@functools.cache
+def spiking_linear(base: type, neuron: Neuron) -> type:
+    """``base`` (a Column/RowParallelLinear class) with the neuron on its input."""
+    return type(f"Spiking{base.__name__}", (_SpikingInput, base), {"neuron": neuron})
+
+
+def with_spiking_linears(spec: Any, neuron: Neuron) -> Any:
+    """A copy of a layer spec tree with every parallel linear class made spiking.
+
+    Walks ModuleSpec/submodule dataclasses and ``functools.partial`` builders (Megatron's
+    MLP spec is one), so dense MLPs, routed and shared experts are all reached.
+    """
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    if isinstance(spec, type) and spec in (ColumnParallelLinear, RowParallelLinear):
+        return spiking_linear(spec, neuron)
+    if isinstance(spec, functools.partial):
+        keywords = {k: with_spiking_linears(v, neuron) for k, v in spec.keywords.items()}
+        return functools.partial(spec.func, *spec.args, **keywords)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {f.name: with_spiking_linears(getattr(spec, f.name), neuron)
+                   for f in dataclasses.fields(spec) if f.init}
+        return dataclasses.replace(spec, **changes)
+    return spec
