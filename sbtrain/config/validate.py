@@ -42,6 +42,11 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> None:
                           key="parallel.tp")
     if p.tp > 1 and cfg.model.has_moe and not p.sequence_parallel:
         raise ConfigError("MoE with tp > 1 needs sequence_parallel: true", key="parallel.sequence_parallel")
+    if p.sequence_parallel and any(mixer == "L" for mixer, _ in cfg.model.layers):
+        # GatedLinearAttention runs on whole sequences; Megatron's TP sequence parallelism
+        # would hand it a sequence shard per rank.
+        raise ConfigError("GLA ('L') layers do not support sequence_parallel yet",
+                          key="parallel.sequence_parallel")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("sequence_parallel needs tp > 1", key="parallel.sequence_parallel")
     if p.sp > 1 and cfg.train.seq_length % (2 * p.sp):
