@@ -100,11 +100,12 @@ def build_layer_specs(model: ModelConfig, spiking: SpikingConfig | None = None) 
 def _spiking(layer, neuron):
     """Spiking parallel linears everywhere, plus the neuron on GLA's gate input and on
     sliding-window queries (SpikingBrain's W8ASpike spikes exactly these inputs)."""
+    from sbtrain.model.gla import GatedLinearAttention
     from sbtrain.spiking.layers import with_spiking_linears
 
     layer = with_spiking_linears(layer, neuron)
     mixer = layer.submodules.self_attention
-    if mixer.module.__name__ == "GatedLinearAttention":
+    if mixer.module is GatedLinearAttention:
         mixer = dataclasses.replace(mixer, params={**mixer.params, "input_neuron": neuron})
     else:
         core = mixer.submodules.core_attention
