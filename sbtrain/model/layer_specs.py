@@ -13,7 +13,8 @@ _LAYER_BUILDERS: dict[str, Callable] = {}
 
 
 def register_mixer(symbol: str) -> Callable[[Callable], Callable]:
-    """Register the layer-spec builder for a mixer symbol (called explicitly, not on import)."""
+    """Register the layer-spec builder for a mixer symbol (this module registers the built-in
+    ones; the registry is local to this module, so importing it changes nothing else)."""
 
     def wrap(fn: Callable) -> Callable:
         _LAYER_BUILDERS[symbol] = fn
