@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -100,13 +101,35 @@ class Trainer:
         s = self.state
         s.model.zero_grad_buffer()
         s.optimizer.zero_grad()
-        with s.tracker.section("forward_backward"):
+        spikes = self._spike_recording(step)
+        with s.tracker.section("forward_backward"), spikes as recorder:
             loss = self._run_schedule(step, "train", forward_only=False)
         with s.tracker.section("optimizer"):
             _, grad_norm, _ = s.optimizer.step()
             s.scheduler.step(increment=1)
-        return {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                "lr": s.optimizer.param_groups[0]["lr"]}
+        record = {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                  "lr": s.optimizer.param_groups[0]["lr"]}
+        if recorder is not None:
+            record.update(self._spike_stats(recorder))
+        return record
+
+    def _spike_recording(self, step: int):
+        """Record firing on logged steps when spiking is on (an extra counting pass)."""
+        logged = (step + 1) % self.cfg.train.log_interval == 0
+        if not (self.cfg.spiking.enabled and logged):
+            return contextlib.nullcontext()
+        from sbtrain.spiking.layers import recording
+
+        return recording()
+
+    def _spike_stats(self, recorder) -> dict:
+        """Mean |spike count| per activation and the fraction that fire, over all ranks."""
+        totals = torch.tensor([recorder.abs_counts, recorder.firing, recorder.elements],
+                              dtype=torch.float64, device=self.state.device)
+        dist.all_reduce(totals)
+        abs_counts, firing, elements = totals.tolist()
+        return {"spike_mean_count": abs_counts / max(elements, 1.0),
+                "spike_firing_rate": firing / max(elements, 1.0)}
 
     def evaluate(self, step: int) -> float:
         s = self.state
@@ -163,6 +186,9 @@ class Trainer:
             line = s.tracker.format_step(stats, total_steps=self.cfg.train.train_iters,
                                          loss=record["loss"], lr=record["lr"],
                                          grad_norm=record["grad_norm"])
+            if "spike_firing_rate" in record:
+                line += (f" | spikes {record['spike_mean_count']:.2f}/act, "
+                         f"firing {100 * record['spike_firing_rate']:.1f}%")
             if "eval_loss" in record:
                 line += f" | eval {record['eval_loss']:.4f}"
             print(line, flush=True)

@@ -14,12 +14,42 @@ same under any TP size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+class FiringRecorder:
+    """Sums spike statistics over every neuron call while active (see :func:`recording`)."""
+
+    def __init__(self) -> None:
+        self.abs_counts = 0.0
+        self.firing = 0.0
+        self.elements = 0.0
+
+    def add(self, counts: torch.Tensor) -> None:
+        counts = counts.detach().float()
+        self.abs_counts += float(counts.abs().sum())
+        self.firing += float((counts != 0).sum())
+        self.elements += counts.numel()
+
+
+_RECORDER: FiringRecorder | None = None
+
+
+@contextlib.contextmanager
+def recording():
+    """Record spike counts of every neuron call inside the block (costs one extra pass)."""
+    global _RECORDER
+    _RECORDER = FiringRecorder()
+    try:
+        yield _RECORDER
+    finally:
+        _RECORDER = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +61,10 @@ class Neuron:
     vth_max: float = 1e4
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from ops.spike import spike_activation
+        from ops.spike import spike_activation, spike_counts
 
+        if _RECORDER is not None:
+            _RECORDER.add(spike_counts(x.detach(), self.k, self.vth_min, self.vth_max)[0])
         return spike_activation(x, self.k, self.vth_min, self.vth_max)
 
     def sharded(self, x: torch.Tensor, group) -> torch.Tensor:
@@ -41,7 +73,10 @@ class Neuron:
         dist.all_reduce(total, group=group)
         width = x.shape[-1] * dist.get_world_size(group)
         vth = (total / width / self.k).clamp(self.vth_min, self.vth_max)
-        spiked = (torch.round(x.detach().float() / vth) * vth).to(x.dtype)
+        counts = torch.round(x.detach().float() / vth)
+        if _RECORDER is not None:
+            _RECORDER.add(counts)
+        spiked = (counts * vth).to(x.dtype)
         # Straight-through: the forward value is the spiked one, the gradient is identity.
         return x + (spiked - x).detach()
 

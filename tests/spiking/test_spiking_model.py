@@ -65,3 +65,14 @@ def test_spiking_training_matches_across_layouts(tmp_path):
     assert_same_curve(moe, run(tmp_path, "ep2", 2, {**MOE, "parallel.ep": 2}))
     plain = run(tmp_path, "plain", 1, {**HYBRID, "spiking.enabled": False})
     assert abs(plain[0]["loss"] - hybrid[0]["loss"]) > 1e-4   # the neuron changed the numbers
+
+
+def test_firing_statistics_are_logged_and_layout_independent(tmp_path):
+    """Logged steps carry the mean |spike count| and firing fraction, summed over all ranks."""
+    one = run(tmp_path, "one", 1, HYBRID)
+    dp2 = run(tmp_path, "dp2", 2, HYBRID)
+    for a, b in zip(one, dp2):
+        assert 0.0 < a["spike_firing_rate"] < 1.0 and a["spike_mean_count"] > 0.0
+        assert abs(a["spike_firing_rate"] - b["spike_firing_rate"]) < 1e-9
+        assert abs(a["spike_mean_count"] - b["spike_mean_count"]) < 1e-9
+    assert "spike_firing_rate" not in run(tmp_path, "off", 1, {**HYBRID, "spiking.enabled": False})[0]
