@@ -118,14 +118,19 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
 
 def build_block_mask(T: int, window: int | None, segment_ids: Tensor | None, device: torch.device) -> BlockMask:
     """The :class:`BlockMask` of the op's masking rules for one sequence length."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     window_t = torch.tensor(T if window is None else window, dtype=torch.int64, device=device)
     if segment_ids is None:
         mask_mod = causal_mask_mod(window_t)
     else:
         mask_mod = document_mask_mod(window_t, segment_ids.to(device).contiguous())
     partial, full = block_structure(T, window, segment_ids, device)
+    return block_mask_from_tiles(partial, full, mask_mod, T)
+
+
+def block_mask_from_tiles(partial: Tensor, full: Tensor, mask_mod: MaskMod, length: int) -> BlockMask:
+    """A square :class:`BlockMask` of ``length`` from boolean tile maps (partial, full)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
     kv_num_blocks, kv_indices = _ordered(partial)
     full_kv_num_blocks, full_kv_indices = _ordered(full)
     return BlockMask.from_kv_blocks(
@@ -135,7 +140,7 @@ def build_block_mask(T: int, window: int | None, segment_ids: Tensor | None, dev
         full_kv_indices=full_kv_indices,
         BLOCK_SIZE=BLOCK_SIZE,
         mask_mod=mask_mod,
-        seq_lengths=(T, T),
+        seq_lengths=(length, length),
     )
 
 

@@ -49,8 +49,8 @@ from ops.attention.flex_backend import (
     GPU_KERNEL_OPTIONS,
     BlockMaskCache,
     MaskMod,
-    _ordered,
     _tile_id_range,
+    block_mask_from_tiles,
     effective_window,
     flex_available,
     verify_flex,
@@ -270,23 +270,11 @@ def build_sink_block_mask(
     T: int, S: int, window: int | None, segment_ids: Tensor | None, device: torch.device
 ) -> BlockMask:
     """The :class:`BlockMask` of the sink rule for T regular tokens and S sinks."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     window_t = torch.tensor(T if window is None else window, dtype=torch.int64, device=device)
     sinks_t = torch.tensor(S, dtype=torch.int64, device=device)
     ids = None if segment_ids is None else _sink_padded_ids(segment_ids.to(device), S)
     partial, full = sink_block_structure(T, S, window, segment_ids, device)
-    kv_num_blocks, kv_indices = _ordered(partial)
-    full_kv_num_blocks, full_kv_indices = _ordered(full)
-    return BlockMask.from_kv_blocks(
-        kv_num_blocks=kv_num_blocks,
-        kv_indices=kv_indices,
-        full_kv_num_blocks=full_kv_num_blocks,
-        full_kv_indices=full_kv_indices,
-        BLOCK_SIZE=BLOCK_SIZE,
-        mask_mod=sink_mask_mod(sinks_t, window_t, ids),
-        seq_lengths=(S + T, S + T),
-    )
+    return block_mask_from_tiles(partial, full, sink_mask_mod(sinks_t, window_t, ids), S + T)
 
 
 class _SinkMasks(BlockMaskCache):

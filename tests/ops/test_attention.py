@@ -342,16 +342,6 @@ def test_import_has_no_side_effects():
                                                                "torch._inductor": False}
 
 
-@pytest.fixture
-def compile_enabled(monkeypatch: pytest.MonkeyPatch):
-    """The suite sets TORCH_COMPILE_DISABLE=1; flex needs torch.compile (dynamo reads the flag per call)."""
-    import torch._dynamo as dynamo
-
-    monkeypatch.setattr(dynamo.config, "disable", False)
-    # Many (dtype, batch, mask) variants in one process; production sees a handful.
-    monkeypatch.setattr(dynamo.config, "recompile_limit", 64, raising=False)
-
-
 @pytest.mark.skipif(os.environ.get("SB_TEST_CPU_COMPILE") != "1", reason="compiles inductor's CPU flex kernel "
                     "(~1 min); set SB_TEST_CPU_COMPILE=1")
 def test_compiled_flex_forward_on_cpu(compile_enabled):

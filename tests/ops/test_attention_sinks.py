@@ -432,15 +432,6 @@ def test_sink_attention_does_not_touch_softmax_attention():
     assert [b.name for b in softmax_attention.registry.backends] == ["sdpa_causal", "flex", "torch"]
 
 
-@pytest.fixture
-def compile_enabled(monkeypatch: pytest.MonkeyPatch):
-    """The suite sets TORCH_COMPILE_DISABLE=1; flex needs torch.compile (dynamo reads the flag per call)."""
-    import torch._dynamo as dynamo
-
-    monkeypatch.setattr(dynamo.config, "disable", False)
-    monkeypatch.setattr(dynamo.config, "recompile_limit", 64, raising=False)
-
-
 @pytest.mark.skipif(os.environ.get("SB_TEST_CPU_COMPILE") != "1", reason="compiles inductor's CPU flex kernel "
                     "(~1 min); set SB_TEST_CPU_COMPILE=1")
 def test_compiled_flex_forward_on_cpu(compile_enabled):
