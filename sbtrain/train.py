@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, stage=args.stage)
-        if args.stage is None and stage_names(args.config):
-            raise ConfigError(f"this config has stages {stage_names(args.config)}: pass --stage "
+        stages = stage_names(args.config) if args.stage is None else []
+        if stages:
+            raise ConfigError(f"this config has stages {stages}: pass --stage "
                               "NAME (the example scripts run them in order)", key="stages",
                               source=args.config)
     except ConfigError as exc:

@@ -18,12 +18,27 @@ def segment_ids_from_tokens(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     return (torch.cumsum(is_eod, dim=-1) - is_eod).to(torch.int32)
 
 
+# Every GLA layer of a forward (and its recompute) asks for the same micro-batch's offsets;
+# torch.nonzero synchronises with the device, so the last answer is kept. The entry holds the
+# ids tensor itself, so a freed tensor's reused address cannot match a stale entry.
+_LAST: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+
 def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     """[b, s] segment ids -> int64 cumulative lengths over the flattened b * s tokens.
 
     Every row boundary also starts a new sequence, so the result describes independent
     sequences in FlashAttention's varlen convention: ``[0, len_0, len_0 + len_1, ...]``.
     """
+    global _LAST
+    if _LAST is not None and _LAST[0] is segment_ids and _LAST[1] == segment_ids._version:
+        return _LAST[2]
+    cu_seqlens = _cu_seqlens(segment_ids)
+    _LAST = (segment_ids, segment_ids._version, cu_seqlens)
+    return cu_seqlens
+
+
+def _cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
     batch, seq = segment_ids.shape
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]

@@ -85,3 +85,10 @@ def test_second_stage_starts_from_first_stage_weights(tmp_path):
     # Relaunching a finished stage trains nothing more.
     launch(path, 1, ["--stage", "long"])
     assert len(metrics(tmp_path / "run" / "long")) == 2
+
+
+def test_train_without_stage_names_the_stages(tmp_path, capsys):
+    from sbtrain.train import main
+
+    assert main([write(tmp_path, STAGED)]) == 2
+    assert "has stages ['short', 'long']: pass --stage" in capsys.readouterr().err
