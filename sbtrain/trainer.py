@@ -76,7 +76,8 @@ class Trainer:
             data_iterator=self._device_batches(step, split),
             model=[s.model],
             num_microbatches=num_micro,
-            seq_length=t.seq_length,
+            # pipeline stages exchange the sink tokens' positions too
+            seq_length=t.seq_length + self.cfg.model.sink_tokens,
             micro_batch_size=t.micro_batch_size,
             forward_only=forward_only,
         )

@@ -70,14 +70,15 @@ class MoEConfig:
 
 @dataclass
 class GLAConfig:
-    """Gated linear attention (``L`` layers), SpikingBrain-7B defaults."""
+    """Gated linear attention (``L`` layers), SpikingBrain-7B defaults. The linear branch of
+    ``H``/``F`` layers is fixed by the 76B report instead: sigmoid q/k, gate tied to the key."""
 
     gate_rank: int = 16
     """Width of the low-rank gate projection: hidden -> gate_rank -> kv dims."""
     gate_normalizer: float = 16.0
     """log decay = logsigmoid(gate) / gate_normalizer, so each step keeps sigmoid^(1/16)."""
     feature_map: str = "relu"
-    """Non-negative map applied to q and k: ``relu`` (7B) or ``sigmoid`` (76B)."""
+    """Non-negative map applied to q and k of ``L`` layers: ``relu`` (7B) or ``sigmoid``."""
 
     def __post_init__(self) -> None:
         if self.gate_rank < 1:
@@ -87,6 +88,16 @@ class GLAConfig:
         if self.feature_map not in ("relu", "sigmoid"):
             raise ConfigError(f"unknown feature map {self.feature_map!r}; known: relu, sigmoid",
                               key="gla.feature_map")
+
+
+@dataclass
+class HybridConfig:
+    """Intra-layer parallel hybrid mixers (``H``, ``F``: SpikingBrain-76B)."""
+
+    shared_projections: bool = True
+    """One q/k/v/o set for the linear and the softmax branch. The report does not say; shared
+    is the reading whose parameter count matches "76B-A12B" (docs/76b.md §2); false gives the
+    softmax branch its own q/k/v/o."""
 
 
 @dataclass
@@ -112,8 +123,12 @@ class ModelConfig:
     init_method_std: float = 0.02
     sliding_window: int = 4096
     """Previous tokens each query sees in ``W``/``H`` mixers (plus itself)."""
+    sink_tokens: int = 0
+    """Learnable tokens prepended to every sequence (SpikingBrain-76B: 128): every token
+    attends to them, they attend only to each other, the loss skips them."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     gla: GLAConfig = field(default_factory=GLAConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -128,6 +143,8 @@ class ModelConfig:
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError("num_attention_heads must divide by num_query_groups",
                               key="model.num_query_groups")
+        if self.sink_tokens < 0:
+            raise ConfigError("must be >= 0", key="model.sink_tokens")
 
     @property
     def layers(self) -> list[tuple[str, str]]:

@@ -42,10 +42,14 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> None:
                           key="parallel.tp")
     if p.tp > 1 and cfg.model.has_moe and not p.sequence_parallel:
         raise ConfigError("MoE with tp > 1 needs sequence_parallel: true", key="parallel.sequence_parallel")
-    if p.sequence_parallel and any(mixer == "L" for mixer, _ in cfg.model.layers):
-        # GatedLinearAttention runs on whole sequences; Megatron's TP sequence parallelism
+    if p.sequence_parallel and any(mixer in "LHF" for mixer, _ in cfg.model.layers):
+        # Linear attention runs on whole sequences; Megatron's TP sequence parallelism
         # would hand it a sequence shard per rank.
-        raise ConfigError("GLA ('L') layers do not support sequence_parallel yet",
+        raise ConfigError("linear-attention layers ('L', 'H', 'F') do not support "
+                          "sequence_parallel yet", key="parallel.sequence_parallel")
+    if p.sequence_parallel and cfg.model.sink_tokens:
+        # the sinks are prepended to the whole sequence, before any sequence split
+        raise ConfigError("model.sink_tokens does not support sequence_parallel yet",
                           key="parallel.sequence_parallel")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("sequence_parallel needs tp > 1", key="parallel.sequence_parallel")

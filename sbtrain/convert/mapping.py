@@ -68,6 +68,10 @@ def hf_to_sbtrain(hf: dict[str, torch.Tensor], model: ModelConfig, layout: str,
            "decoder.final_layernorm.weight": hf["model.norm.weight"],
            "output_layer.weight": hf.get("lm_head.weight", hf[names["embed"]])}
     gen = torch.Generator().manual_seed(seed)
+    if model.sink_tokens:
+        # Sink tokens are new (unpublished init): N(0, init_method_std), like a fresh embedding.
+        sinks = torch.randn(model.sink_tokens, model.hidden_size, generator=gen)
+        out["sink_tokens"] = (sinks * model.init_method_std).to(out["output_layer.weight"].dtype)
     for i, (mixer, ffn) in enumerate(model.layers):
         if ffn != "-":
             raise NotImplementedError(f"layer {i}: converting into MoE layers is not supported "
@@ -82,6 +86,8 @@ def hf_to_sbtrain(hf: dict[str, torch.Tensor], model: ModelConfig, layout: str,
         out[dst + "self_attention.linear_proj.weight"] = hf[attn + "o_proj.weight"]
         if mixer == "L":
             out.update(_gla_extras(hf, attn, dst, model, gen))
+        if mixer in "HF":
+            out.update(_parallel_hybrid_extras(out, dst, model))
         mlp = src + "mlp."
         out[dst + "mlp.linear_fc1.weight"] = torch.cat(
             [hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
@@ -103,6 +109,20 @@ def _gla_extras(hf: dict, attn: str, dst: str, model: ModelConfig, gen: torch.Ge
             dst + "gate_up.weight": _xavier((kv_dim, rank), gen).to(dtype),
             dst + "gate_up.bias": torch.zeros(kv_dim, dtype=dtype),
             dst + "g_norm_weight": torch.ones(model.kv_channels, dtype=dtype)}
+
+
+def _parallel_hybrid_extras(out: dict, dst: str, model: ModelConfig) -> dict:
+    """H/F layers: both branches start from the source attention (with separate projections
+    the softmax branch gets its own copy of q/k/v/o) and the branch norms from ones."""
+    attn = dst + "self_attention."
+    dtype = out[attn + "linear_proj.weight"].dtype
+    extras = {attn + "linear_norm_weight": torch.ones(model.kv_channels, dtype=dtype),
+              attn + "softmax_norm_weight": torch.ones(model.kv_channels, dtype=dtype)}
+    if not model.hybrid.shared_projections:
+        for name in ("linear_qkv.weight", "linear_qkv.bias", "linear_proj.weight"):
+            if attn + name in out:
+                extras[attn + "softmax_branch." + name] = out[attn + name].clone()
+    return extras
 
 
 def _xavier(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:

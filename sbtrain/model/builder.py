@@ -28,7 +28,12 @@ def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device
     count = get_num_layers_to_build(config, pp_rank=pp_rank)
     specs = build_layer_specs(cfg.model, cfg.spiking)[offset: offset + count]
     block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=WrappedTorchNorm)
-    model = GPTModel(
+    model_class, extra = GPTModel, {}
+    if cfg.model.sink_tokens:
+        from sbtrain.model.sinks import SinkTokenGPTModel
+
+        model_class, extra = SinkTokenGPTModel, {"sink_tokens": cfg.model.sink_tokens}
+    model = model_class(
         config=config,
         transformer_layer_spec=block,
         vocab_size=cfg.model.vocab_size,
@@ -39,5 +44,6 @@ def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device
         position_embedding_type="rope",
         rotary_base=int(cfg.model.rope_theta),
         pg_collection=pg_collection,
+        **extra,
     )
     return model.to(device), config

@@ -29,7 +29,8 @@ class SoftmaxCoreAttention(MegatronModule):
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
                  cp_comm_type: str | None = None, softmax_scale: float | None = None,
-                 pg_collection=None, window: int | None = None, query_neuron=None) -> None:
+                 pg_collection=None, window: int | None = None, query_neuron=None,
+                 sink_tokens: int = 0) -> None:
         super().__init__(config=config)
         tp = pg_collection.tp.size() if pg_collection is not None else 1
         self.heads_per_partition = config.num_attention_heads // tp
@@ -38,21 +39,38 @@ class SoftmaxCoreAttention(MegatronModule):
         self.window = window
         # Spiking (W8ASpike): sliding-window layers spike their queries, per token and head.
         self.query_neuron = query_neuron
+        self.sink_tokens = sink_tokens
         self.layer_number = layer_number
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None) -> torch.Tensor:
-        from ops.attention import softmax_attention
-
         if attention_bias is not None or packed_seq_params is not None:
             raise NotImplementedError("SoftmaxCoreAttention takes neither attention_bias nor "
                                       "packed_seq_params; packed documents use segment ids")
         seq, batch = query.shape[:2]
         if self.query_neuron is not None:
             query = self.query_neuron(query)
-        # [s, b, h, d] -> [b, h, s, d], the layout of SDPA and flex_attention.
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = softmax_attention(q, k, v, window=self.window, segment_ids=attention_mask,
-                                scale=self.softmax_scale)
-        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+        out = causal_attention(query, key, value, self.window, attention_mask,
+                               self.softmax_scale, self.sink_tokens)
+        return out.reshape(seq, batch, -1)
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     window: int | None, segment_ids: torch.Tensor | None, scale: float,
+                     sink_tokens: int = 0) -> torch.Tensor:
+    """[s, b, heads, d] q/k/v (GQA) -> [s, b, heads, d]; the first ``sink_tokens`` positions
+    are sink tokens (``ops.attention.sink_attention``: seen by every token, attending only
+    to each other), the window and ``segment_ids`` ([b, s - sink_tokens]) cover the rest."""
+    from ops.attention import sink_attention, softmax_attention
+
+    # [s, b, h, d] -> [b, h, s, d], the layout of SDPA and flex_attention.
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+    if not sink_tokens:
+        out = softmax_attention(q, k, v, window=window, segment_ids=segment_ids, scale=scale)
+        return out.permute(2, 0, 1, 3)
+    sinks = [t[:, :, :sink_tokens] for t in (q, k, v)]
+    regular = [t[:, :, sink_tokens:] for t in (q, k, v)]
+    out, out_sinks = sink_attention(*regular, *sinks, window=window, segment_ids=segment_ids,
+                                    scale=scale)
+    return torch.cat([out_sinks, out], dim=2).permute(2, 0, 1, 3)

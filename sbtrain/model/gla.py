@@ -42,7 +42,7 @@ class GatedLinearAttention(MegatronModule):
     def __init__(self, config, submodules: GLASubmodules, layer_number: int,
                  pg_collection=None, gate_rank: int = 16, gate_normalizer: float = 16.0,
                  feature_map: str = "relu", add_qkv_bias: bool = True, input_neuron=None,
-                 **unused) -> None:
+                 sink_tokens: int = 0, **unused) -> None:
         super().__init__(config=config)
         tp_group = pg_collection.tp
         tp = tp_group.size()
@@ -55,6 +55,7 @@ class GatedLinearAttention(MegatronModule):
         self.gate_normalizer = gate_normalizer
         self.feature_map = FEATURE_MAPS[feature_map]
         self.tp_group = tp_group
+        self.sink_tokens = sink_tokens
         # Spiking: the gate's down-projection sees the spiked input, as linear_qkv does.
         self.input_neuron = input_neuron
         init = config.init_method
@@ -63,7 +64,8 @@ class GatedLinearAttention(MegatronModule):
             gather_output=False, bias=add_qkv_bias, skip_bias_add=False, is_expert=False,
             tp_group=tp_group)
         # Low-rank gate: hidden -> rank (replicated) -> kv dims (sharded with the kv heads).
-        self.gate_down = torch.nn.Linear(config.hidden_size, gate_rank, bias=False)
+        self.gate_down = torch.nn.Linear(config.hidden_size, gate_rank, bias=False,
+                                         dtype=config.params_dtype)
         # Always a plain ColumnParallelLinear: W8ASpike spikes the gate's input x (collapsing
         # both factors into one projection), never this rank-16 intermediate.
         self.gate_up = ColumnParallelLinear(
@@ -88,10 +90,7 @@ class GatedLinearAttention(MegatronModule):
         """[s, b, h] -> q [b, s, H, d], k/v/log-decay [b, s, G, d] (local heads)."""
         seq, batch = hidden_states.shape[:2]
         qkv, _ = self.linear_qkv(hidden_states)
-        per_group = self.heads // self.groups
-        qkv = qkv.view(seq, batch, self.groups, (per_group + 2) * self.head_dim)
-        q, k, v = torch.split(qkv, [per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
-        q = q.reshape(seq, batch, self.heads, self.head_dim)
+        q, k, v = split_qkv(qkv, self.heads, self.groups, self.head_dim)
         gate_input = hidden_states if self.input_neuron is None else self.input_neuron(hidden_states)
         gate, _ = self.gate_up(self.gate_down(gate_input))
         log_decay = F.logsigmoid(gate.float()) / self.gate_normalizer
@@ -101,22 +100,59 @@ class GatedLinearAttention(MegatronModule):
 
     def mix(self, q, k, v, log_decay, segment_ids: torch.Tensor | None) -> torch.Tensor:
         """The gated recurrence (ops.gla); packed documents restart the state per segment."""
-        from ops.gla import gla
-
-        if segment_ids is None:
-            out, _ = gla(q, k, v, log_decay, scale=self.head_dim ** -0.5)
-            return out
-        batch, seq = q.shape[:2]
-        cu_seqlens = cu_seqlens_from_segments(segment_ids)
-        flat = [t.reshape(1, batch * seq, *t.shape[2:]) for t in (q, k, v, log_decay)]
-        out, _ = gla(*flat, scale=self.head_dim ** -0.5, cu_seqlens=cu_seqlens)
-        return out.reshape(batch, seq, *out.shape[2:])
+        return linear_attention(q, k, v, log_decay, segment_ids, self.head_dim ** -0.5,
+                                self.sink_tokens)
 
     def output_norm(self, out: torch.Tensor) -> torch.Tensor:
-        """Per-head RMSNorm over d in fp32 (the recurrence has no softmax denominator)."""
-        x = out.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        # Each TP rank sees only its heads, so the shared weight's gradient is partial:
-        # copy_to_tensor_model_parallel_region all-reduces it over TP in backward.
-        weight = copy_to_tensor_model_parallel_region(self.g_norm_weight, group=self.tp_group)
-        return (x * weight.float()).to(out.dtype)
+        return head_rms_norm(out, self.g_norm_weight, self.norm_eps, self.tp_group)
+
+
+def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
+    """Megatron's fused per-group [s, b, groups * (heads/groups + 2) * d] projection ->
+    q [s, b, heads, d], k and v [s, b, groups, d] (local heads)."""
+    seq, batch = qkv.shape[:2]
+    per_group = heads // groups
+    qkv = qkv.view(seq, batch, groups, (per_group + 2) * head_dim)
+    q, k, v = torch.split(qkv, [per_group * head_dim, head_dim, head_dim], dim=-1)
+    return q.reshape(seq, batch, heads, head_dim), k, v
+
+
+def linear_attention(q, k, v, log_decay, segment_ids: torch.Tensor | None, scale: float,
+                     sink_tokens: int = 0) -> torch.Tensor:
+    """ops.gla over [b, s, heads, d] inputs whose first ``sink_tokens`` positions are sinks.
+
+    Without sinks every row (or every document of ``segment_ids``, [b, s - sink_tokens])
+    starts from a zero state. With sinks, the sinks run the recurrence first and the state
+    they leave is the initial state of every row and every document: a learned prefix that
+    no document boundary erases (the report leaves sinks in linear attention open).
+    """
+    from ops.gla import gla
+
+    if sink_tokens:
+        head = [t[:, :sink_tokens] for t in (q, k, v, log_decay)]
+        out_sinks, state = gla(*head, scale=scale, output_final_state=True)
+        q, k, v, log_decay = (t[:, sink_tokens:] for t in (q, k, v, log_decay))
+    else:
+        out_sinks, state = None, None
+    if segment_ids is None:
+        out, _ = gla(q, k, v, log_decay, scale=scale, initial_state=state)
+    else:
+        batch, seq = q.shape[:2]
+        cu_seqlens = cu_seqlens_from_segments(segment_ids)
+        if state is not None:
+            # documents never span rows, so a document's row is its start offset // seq
+            state = state[torch.div(cu_seqlens[:-1], seq, rounding_mode="floor")]
+        flat = [t.reshape(1, batch * seq, *t.shape[2:]) for t in (q, k, v, log_decay)]
+        out, _ = gla(*flat, scale=scale, initial_state=state, cu_seqlens=cu_seqlens)
+        out = out.reshape(batch, seq, *out.shape[2:])
+    return out if out_sinks is None else torch.cat([out_sinks, out], dim=1)
+
+
+def head_rms_norm(out: torch.Tensor, weight: torch.Tensor, eps: float, tp_group) -> torch.Tensor:
+    """Per-head RMSNorm over d in fp32 with one weight [d] shared by all heads."""
+    x = out.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    # Each TP rank sees only its heads, so the shared weight's gradient is partial:
+    # copy_to_tensor_model_parallel_region all-reduces it over TP in backward.
+    weight = copy_to_tensor_model_parallel_region(weight, group=tp_group)
+    return (x * weight.float()).to(out.dtype)

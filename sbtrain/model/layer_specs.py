@@ -45,7 +45,7 @@ def _softmax_layer(model: ModelConfig, ffn: str, window: int | None):
 
     layer = _local_layer(model, ffn)
     attention = layer.submodules.self_attention
-    core = functools.partial(SoftmaxCoreAttention, window=window)
+    core = functools.partial(SoftmaxCoreAttention, window=window, sink_tokens=model.sink_tokens)
     attention = dataclasses.replace(
         attention, submodules=dataclasses.replace(attention.submodules, core_attention=core))
     return _with_mixer(layer, attention)
@@ -68,15 +68,34 @@ def _gla_layer(model: ModelConfig, ffn: str):
     gla = ModuleSpec(
         module=GatedLinearAttention,
         params=dict(gate_rank=model.gla.gate_rank, gate_normalizer=model.gla.gate_normalizer,
-                    feature_map=model.gla.feature_map, add_qkv_bias=model.qkv_bias),
+                    feature_map=model.gla.feature_map, add_qkv_bias=model.qkv_bias,
+                    sink_tokens=model.sink_tokens),
         submodules=GLASubmodules(linear_qkv=ColumnParallelLinear, linear_proj=RowParallelLinear),
     )
     return _with_mixer(_local_layer(model, ffn), gla)
 
 
+def _parallel_hybrid_layer(model: ModelConfig, ffn: str, window: int | None):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from sbtrain.model.parallel_hybrid import ParallelHybridAttention, ParallelHybridSubmodules
+
+    mixer = ModuleSpec(
+        module=ParallelHybridAttention,
+        params=dict(window=window, shared_projections=model.hybrid.shared_projections,
+                    sink_tokens=model.sink_tokens, add_qkv_bias=model.qkv_bias),
+        submodules=ParallelHybridSubmodules(linear_qkv=ColumnParallelLinear,
+                                            linear_proj=RowParallelLinear),
+    )
+    return _with_mixer(_local_layer(model, ffn), mixer)
+
+
 register_mixer("*")(_full_attention_layer)
 register_mixer("W")(_sliding_window_layer)
 register_mixer("L")(_gla_layer)
+register_mixer("H")(lambda model, ffn: _parallel_hybrid_layer(model, ffn, model.sliding_window))
+register_mixer("F")(lambda model, ffn: _parallel_hybrid_layer(model, ffn, None))
 
 
 def build_layer_specs(model: ModelConfig, spiking: SpikingConfig | None = None) -> list:
@@ -102,12 +121,16 @@ def _spiking(layer, neuron):
     """Spiking parallel linears everywhere, plus the neuron on GLA's gate input and on
     sliding-window queries (SpikingBrain's W8ASpike spikes exactly these inputs)."""
     from sbtrain.model.gla import GatedLinearAttention
+    from sbtrain.model.parallel_hybrid import ParallelHybridAttention
     from sbtrain.spiking.layers import with_spiking_linears
 
     layer = with_spiking_linears(layer, neuron)
     mixer = layer.submodules.self_attention
     if mixer.module is GatedLinearAttention:
         mixer = dataclasses.replace(mixer, params={**mixer.params, "input_neuron": neuron})
+    elif mixer.module is ParallelHybridAttention:
+        if mixer.params["window"] is not None:
+            mixer = dataclasses.replace(mixer, params={**mixer.params, "query_neuron": neuron})
     else:
         core = mixer.submodules.core_attention
         if isinstance(core, functools.partial) and core.keywords.get("window") is not None:

@@ -10,12 +10,14 @@ Per layer (b = 1 if qkv_bias else 0):
 - shared q/k/v/o projections  A = h*n_h*d + 2*h*n_g*d + n_h*d*h  (+ b*(n_h*d + 2*n_g*d) biases)
 - ``*``, ``W``: A
 - ``L``:  A + gate (h*r + r*n_g*d + n_g*d) + g_norm d
-- ``H``, ``F``: A + 2*d (one RMSNorm over d per branch; the 76B-style linear branch has no gate params)
+- ``H``, ``F``: A + 2*d (one RMSNorm over d per branch; the 76B-style linear branch has no gate
+  params); 2*A + 2*d with ``model.hybrid.shared_projections: false``
 - ``-``: 3*h*F
 - ``E``: router h*E + E*3*h*F_e + shared 3*h*F;   active: h*E + k*3*h*F_e + shared 3*h*F
 - two RMSNorms: 2*h
 
-Model: embedding V*h + final RMSNorm h + lm_head V*h (when ``untie_embeddings``).
+Model: embedding V*h + final RMSNorm h + lm_head V*h (when ``untie_embeddings``) + sink tokens
+S*h (``model.sink_tokens``, counted with the embedding: active for every token).
 Checked against Qwen2.5-7B (7,615,616,512) in ``tests/profiler``.
 """
 
@@ -73,6 +75,8 @@ def mixer_blocks(model: ModelConfig, mixer: str) -> list[Block]:
         blocks.append(_dense(REPLICATED, 0, d))
     elif mixer in ("H", "F"):
         blocks.append(_dense(REPLICATED, 0, 2 * d))
+        if not model.hybrid.shared_projections:
+            blocks.append(attention_projections(model))
     elif mixer not in ("*", "W"):
         raise ValueError(f"unknown mixer symbol {mixer!r}")
     return blocks
@@ -139,7 +143,8 @@ def count_parameters(model: ModelConfig) -> dict:
     """Parameter counts of ``model``.
 
     Returns a dict with ``total``, ``active`` (per token: the routed experts outside top_k
-    are left out; embedding and lm_head included, as in "76B-A12B"), ``embedding`` (V*h),
+    are left out; embedding and lm_head included, as in "76B-A12B"), ``embedding`` (V*h + S*h
+    sink tokens),
     ``lm_head`` (V*h or 0 when tied), ``final_norm`` (h), ``non_embedding_total`` /
     ``non_embedding_active`` (layers + final norm), ``matmul_active`` (active matmul weights of
     the layers: forward layer matmul FLOPs = 2 * this) and ``layers``: per layer code
@@ -147,7 +152,7 @@ def count_parameters(model: ModelConfig) -> dict:
     ``total_all`` / ``active_all`` over all layers of that type.
     """
     h, vocab = model.hidden_size, model.vocab_size
-    embedding = vocab * h
+    embedding = vocab * h + model.sink_tokens * h
     lm_head = vocab * h if model.untie_embeddings else 0
     layers: dict[str, dict[str, int]] = {}
     for code, count in layer_type_counts(model).items():

@@ -119,6 +119,7 @@ def stage_parameters(cfg: RunConfig, stage: int) -> dict[str, int]:
     vocab_weights = model.vocab_size * model.hidden_size
     if stage == 0:
         by_role[TP] += vocab_weights
+        by_role[REPLICATED] += model.sink_tokens * model.hidden_size
     if stage == p.pp - 1:
         by_role[REPLICATED] += model.hidden_size
         if model.untie_embeddings or p.pp > 1:
@@ -140,7 +141,9 @@ def stage_activation_bytes(cfg: RunConfig, stage: int, act_bytes: float) -> tupl
     once (its only in-flight micro-batch).
     """
     model, p = cfg.model, cfg.parallel
-    tokens = cfg.train.seq_length * cfg.train.micro_batch_size / p.sp
+    # every layer also carries the sink tokens' positions (the logits do not)
+    positions = cfg.train.seq_length + model.sink_tokens
+    tokens = positions * cfg.train.micro_batch_size / p.sp
     common_split = p.tp if p.sequence_parallel else 1
     per_layer = []
     for mixer, ffn in stage_layers(cfg)[stage]:
@@ -153,7 +156,8 @@ def stage_activation_bytes(cfg: RunConfig, stage: int, act_bytes: float) -> tupl
     else:
         per_microbatch = tokens * sum(per_layer) * act_bytes
     if stage == p.pp - 1:
-        once += tokens * model.vocab_size / p.tp * (act_bytes + LOGITS_EXTRA_BYTES)
+        logit_tokens = cfg.train.seq_length * cfg.train.micro_batch_size / p.sp
+        once += logit_tokens * model.vocab_size / p.tp * (act_bytes + LOGITS_EXTRA_BYTES)
     return per_microbatch, once
 
 

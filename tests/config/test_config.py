@@ -298,7 +298,12 @@ def validate_error(cfg: RunConfig, world: int, source: str = "") -> ConfigError:
          "needs tp > 1"),
         (cfg_with(parallel={"sp": 2}, train={"seq_length": 66}), 2, "train.seq_length", "2*sp = 4"),
         (cfg_with("L-*E", parallel={"tp": 2, "ep": 2, "sequence_parallel": True}), 4,
-         "parallel.sequence_parallel", "GLA"),
+         "parallel.sequence_parallel", "linear-attention layers"),
+        (cfg_with("H-*E", parallel={"tp": 2, "ep": 2, "sequence_parallel": True}), 4,
+         "parallel.sequence_parallel", "linear-attention layers"),
+        (cfg_with("*-*E", model={"sink_tokens": 4},
+                  parallel={"tp": 2, "ep": 2, "sequence_parallel": True}), 4,
+         "parallel.sequence_parallel", "sink_tokens"),
         # Until sbtrain's mixers split sequences, sp > 1 is refused rather than repeated work.
         (cfg_with(parallel={"sp": 2}, train={"seq_length": 64}), 2, "parallel.sp", "not implemented"),
         (cfg_with(train={"micro_batch_size": 2, "global_batch_size": 6}), 2,

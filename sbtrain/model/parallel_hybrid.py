@@ -1,0 +1,135 @@
+"""SpikingBrain-76B's intra-layer parallel hybrid mixer (pattern symbols ``H`` and ``F``).
+
+Every layer runs two attention branches on the same normed input x and sums them::
+
+    q, k, v = W_qkv x + b                       (Megatron's fused per-group layout, GQA)
+    linear:  S_t = diag(1 - k'_t) S_{t-1} + k'_t^T v_t,  o1_t = d^-0.5 q'_t S_t
+             with q' = sigmoid(q), k' = sigmoid(k): the gate is tied to the key (g = 1 - k'),
+             no gate parameters, no RoPE (log g = logsigmoid(-k), computed without cancellation)
+    softmax: o2 = softmax attention of RoPE(q), RoPE(k), v: a sliding window (``H``) or full
+             causal (``F``, the 76B's layers 7, 14, 21, 28)
+    y = W_o (RMSNorm_1(o1) + RMSNorm_2(o2))      (per-head RMSNorm over d, one weight per branch)
+
+``shared_projections`` (the default) gives both branches the one q/k/v/o set above. Off, the
+softmax branch has its own q/k/v and o (``softmax_branch.linear_qkv`` / ``.linear_proj``) and
+``y = W_o1 RMSNorm_1(o1) + W_o2 RMSNorm_2(o2)``. The report does not say which; the shared
+reading is the default because it is the one whose parameter count matches "76B-A12B"
+(docs/76b.md §2: 76.06 B / 11.89 B shared vs 76.88 B / 12.72 B separate).
+
+Sink tokens (``sink_tokens`` > 0, set model-wide, see ``sbtrain.model.sinks``) are the first
+positions of the hidden states: the softmax branch uses ``ops.attention.sink_attention``, the
+linear branch runs them as a prefix whose final state starts every row and document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+from sbtrain.model.core_attention import causal_attention
+from sbtrain.model.gla import head_rms_norm, linear_attention, split_qkv
+
+
+@dataclass
+class ParallelHybridSubmodules:
+    """Linear layer classes (Megatron's Column/RowParallelLinear by default)."""
+
+    linear_qkv: type
+    linear_proj: type
+
+
+class ParallelHybridAttention(MegatronModule):
+    """Linear + softmax attention summed in one layer over [s, b, h]; returns (output, bias).
+
+    Args:
+        window: previous tokens each softmax query sees (``H``), None for full attention (``F``).
+        shared_projections: one q/k/v/o set for both branches (see the module docstring).
+        sink_tokens: leading positions of the sequence that are sink tokens.
+        query_neuron: spiking neuron on the softmax branch's queries (sliding-window layers).
+        The other arguments follow Megatron's attention builder protocol.
+    """
+
+    def __init__(self, config, submodules: ParallelHybridSubmodules, layer_number: int,
+                 pg_collection=None, window: int | None = None, shared_projections: bool = True,
+                 sink_tokens: int = 0, add_qkv_bias: bool = True, query_neuron=None,
+                 **unused) -> None:
+        super().__init__(config=config)
+        tp_group = pg_collection.tp
+        tp = tp_group.size()
+        heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
+        if heads % tp or groups % tp:
+            raise ValueError(f"the parallel hybrid shards heads over TP: {heads} query heads and "
+                             f"{groups} kv heads must both divide by tp={tp}")
+        self.layer_number = layer_number
+        self.heads, self.groups, self.head_dim = heads // tp, groups // tp, dim
+        self.window, self.sink_tokens = window, sink_tokens
+        self.shared_projections = shared_projections
+        self.query_neuron = query_neuron
+        self.tp_group = tp_group
+        self.norm_eps = config.layernorm_epsilon
+        self.linear_qkv, self.linear_proj = self._projections(config, submodules, add_qkv_bias)
+        if not shared_projections:
+            self.softmax_branch = torch.nn.Module()
+            qkv, proj = self._projections(config, submodules, add_qkv_bias)
+            self.softmax_branch.linear_qkv, self.softmax_branch.linear_proj = qkv, proj
+        self.linear_norm_weight = torch.nn.Parameter(torch.ones(dim))
+        self.softmax_norm_weight = torch.nn.Parameter(torch.ones(dim))
+
+    def _projections(self, config, submodules: ParallelHybridSubmodules, add_qkv_bias: bool):
+        heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
+        qkv = submodules.linear_qkv(
+            config.hidden_size, (heads + 2 * groups) * dim, config=config,
+            init_method=config.init_method, gather_output=False, bias=add_qkv_bias,
+            skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
+        proj = submodules.linear_proj(
+            heads * dim, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_group=self.tp_group)
+        return qkv, proj
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary_pos_emb=None, **unused) -> tuple[torch.Tensor, torch.Tensor | None]:
+        seq, batch = hidden_states.shape[:2]
+        q, k, v = self._qkv(self.linear_qkv, hidden_states)
+        linear_out = self._linear_branch(q, k, v, attention_mask)
+        if not self.shared_projections:
+            q, k, v = self._qkv(self.softmax_branch.linear_qkv, hidden_states)
+        softmax_out = self._softmax_branch(q, k, v, attention_mask, rotary_pos_emb)
+        linear_out = head_rms_norm(linear_out, self.linear_norm_weight, self.norm_eps, self.tp_group)
+        softmax_out = head_rms_norm(softmax_out, self.softmax_norm_weight, self.norm_eps,
+                                    self.tp_group)
+        if self.shared_projections:
+            return self.linear_proj((linear_out + softmax_out).reshape(seq, batch, -1))
+        out, _ = self.linear_proj(linear_out.reshape(seq, batch, -1))
+        out_softmax, _ = self.softmax_branch.linear_proj(softmax_out.reshape(seq, batch, -1))
+        return out + out_softmax, None
+
+    def _qkv(self, linear_qkv, hidden_states: torch.Tensor):
+        qkv, _ = linear_qkv(hidden_states)
+        return split_qkv(qkv, self.heads, self.groups, self.head_dim)
+
+    def _linear_branch(self, q, k, v, segment_ids) -> torch.Tensor:
+        """[s, b, heads, d] -> [s, b, heads, d]: the key-gated recurrence."""
+        # log(1 - sigmoid(k)) = logsigmoid(-k): exact where sigmoid(k) rounds to 1
+        log_decay = F.logsigmoid(-k.float())
+        q, k = torch.sigmoid(q), torch.sigmoid(k)
+        q, k, v, log_decay = (t.transpose(0, 1) for t in (q, k, v, log_decay))
+        out = linear_attention(q, k, v, log_decay, segment_ids, self.head_dim ** -0.5,
+                               self.sink_tokens)
+        return out.transpose(0, 1)
+
+    def _softmax_branch(self, q, k, v, segment_ids, rotary_pos_emb) -> torch.Tensor:
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        if rotary_pos_emb is not None:
+            if not isinstance(rotary_pos_emb, tuple):
+                rotary_pos_emb = (rotary_pos_emb, rotary_pos_emb)
+            q = apply_rotary_pos_emb(q, rotary_pos_emb[0], config=self.config)
+            k = apply_rotary_pos_emb(k, rotary_pos_emb[1], config=self.config)
+        if self.query_neuron is not None:
+            q = self.query_neuron(q)
+        return causal_attention(q, k, v, self.window, segment_ids, self.head_dim ** -0.5,
+                                self.sink_tokens)
