@@ -87,9 +87,10 @@ def init_parallel_groups(tp: int, pp: int, sp: int, ep: int, local_rank: int) ->
                           rank=dist.get_rank(), local_rank=local_rank)
 
 
-def destroy_parallel_groups() -> None:
+def destroy_parallel_groups(keep_default_group: bool = False) -> None:
+    """Drop Megatron's model-parallel groups and, unless kept, the default process group."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_default_group:
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""``sbtrain`` command: train, plan, stages, preprocess, convert."""
+"""``sbtrain`` command: train, plan, stages, world-size, preprocess, convert."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ commands:
   preprocess --input X.jsonl --output-prefix P --tokenizer T
                                   jsonl text -> Megatron .bin/.idx
   stages CONFIG                   the names of the config's training stages, one per line
+  world-size CONFIG [--stage S]   ranks the parallel section implies (dp*pp*tp*sp; exit 3 if dp: 0)
   convert hf-to-sbtrain --hf DIR --config YAML --out CKPT
   convert sbtrain-to-hf --config YAML --checkpoint CKPT --out DIR
   convert upcycle --dense CKPT --config MOE_YAML --out CKPT
@@ -62,6 +63,25 @@ def stages_main(argv: list[str]) -> int:
     return 0
 
 
+def world_size_main(argv: list[str]) -> int:
+    from sbtrain.train import add_config_args
+
+    parser = argparse.ArgumentParser(prog="sbtrain world-size")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        p = load_config(args.config, args.overrides, stage=args.stage).parallel
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if p.dp == 0:
+        print(f"{args.config}: parallel.dp is 0 (taken from the launch), so the YAML implies "
+              "no world size", file=sys.stderr)
+        return 3
+    print(p.dp * p.pp * p.tp * p.sp)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -80,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return preprocess_main(rest)
     if command == "stages":
         return stages_main(rest)
+    if command == "world-size":
+        return world_size_main(rest)
     if command == "convert":
         from sbtrain.convert import main as convert_main
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sbtrain.config import ConfigError, load_config, stage_names
@@ -13,7 +14,11 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
     parser.add_argument("--stage", default=None,
-                        help="run this stage of the config's stages list (see docs/training.md)")
+                        help="run this stage of the config's stages list (see docs/training.md); "
+                        "'all' runs every stage in order in this launch")
+
+
+ALL_STAGES = "all"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,27 +26,45 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, stage=args.stage)
-        stages = stage_names(args.config) if args.stage is None else []
-        if stages:
-            raise ConfigError(f"this config has stages {stages}: pass --stage "
-                              "NAME (the example scripts run them in order)", key="stages",
+        names = stage_names(args.config)
+        if args.stage == ALL_STAGES:
+            run = names or [None]
+        elif args.stage is None and names:
+            raise ConfigError(f"this config has stages {names}: pass --stage NAME, or --stage "
+                              f"{ALL_STAGES} to run them in order", key="stages",
                               source=args.config)
+        else:
+            run = [args.stage]
+        configs = [load_config(args.config, args.overrides, stage=name) for name in run]
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     from parallel.groups import destroy_parallel_groups
+
+    try:
+        for name, cfg in zip(run, configs):
+            if len(run) > 1 and int(os.environ.get("RANK", "0")) == 0:
+                print(f"== stage {name} of {args.config}", flush=True)
+            code = _train(cfg, args.config)
+            if code:
+                return code
+            # the next stage builds its own model-parallel groups on the same ranks
+            destroy_parallel_groups(keep_default_group=True)
+    finally:
+        destroy_parallel_groups()
+    return 0
+
+
+def _train(cfg, source: str) -> int:
     from sbtrain.trainer import Trainer
 
-    trainer = Trainer(cfg, source=args.config)
+    trainer = Trainer(cfg, source=source)
     try:
         trainer.setup()
         trainer.train()
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        destroy_parallel_groups()
     return 0
 
 

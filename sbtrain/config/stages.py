@@ -44,8 +44,10 @@ def read_stages(raw: dict) -> list[Stage]:
         name, overrides = str(item["name"]), item.get("overrides") or {}
         if not isinstance(overrides, dict):
             raise ConfigError("expected a mapping of section.key: value", key=f"{key}.overrides")
-        if any(s.name == name for s in stages) or "/" in name:
-            raise ConfigError(f"stage name {name!r} is repeated or contains '/'", key=f"{key}.name")
+        if any(s.name == name for s in stages) or "/" in name or name == "all":
+            # 'all' is `sbtrain train --stage all` (every stage in order)
+            raise ConfigError(f"stage name {name!r} is repeated, contains '/' or is the "
+                              "reserved 'all'", key=f"{key}.name")
         stages.append(Stage(name, overrides))
     return stages
 
