@@ -26,9 +26,12 @@ setup(
         "tokenizers",
         # sbtrain convert reads and writes HF checkpoints (safetensors files).
         "safetensors",
+        # sbtrain spikestats draws its PNG (Agg canvas, imported only when it writes one);
+        # 3.6 for subplots(width_ratios=...).
+        "matplotlib>=3.6",
     ],
     extras_require={
-        "test": ["pytest", "transformers", "safetensors", "matplotlib"],
+        "test": ["pytest", "transformers", "safetensors"],
     },
     entry_points={"console_scripts": ["sbtrain=sbtrain.cli:main"]},
 )

@@ -22,6 +22,10 @@ commands:
   convert sbtrain-to-hf --config YAML --checkpoint CKPT --out DIR
   convert upcycle --dense CKPT --config MOE_YAML --out CKPT
                                   HF Qwen2 / SpikingBrain-7B <-> sbtrain checkpoints
+  spikestats --config YAML --checkpoint CKPT [--data valid:N] [--coding C] [--window T]
+             [--w8aspike] [--out DIR]
+                                  spike sparsity, firing, |s| histogram and energy per layer
+                                  (JSON + PNG); --w8aspike adds INT8 group-128 weights
 """
 
 
@@ -106,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         from sbtrain.convert import main as convert_main
 
         return convert_main(rest)
+    if command == "spikestats":
+        from sbtrain.spiking.spikestats import main as spikestats_main
+
+        return spikestats_main(rest)
     print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

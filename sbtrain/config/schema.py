@@ -297,9 +297,17 @@ class ProfilerConfig:
     """Written into the run directory at the end of training."""
 
 
+# spiking.weight_quant value -> INT8 group size along the input dim (0: float weights).
+WEIGHT_QUANT = {"none": 0, "int8_g128": 128}
+
+
 @dataclass
 class SpikingConfig:
-    """SpikingBrain's adaptive-threshold neuron on the inputs of every linear projection."""
+    """SpikingBrain's adaptive-threshold neuron on the inputs of every linear projection.
+
+    ``enabled`` plus ``weight_quant: int8_g128`` is SpikingBrain's W8ASpike evaluation mode:
+    spiking activations and INT8 weights (``sbtrain spikestats``, or its ``--w8aspike``).
+    """
 
     enabled: bool = False
     k: float = 3.0
@@ -307,12 +315,23 @@ class SpikingConfig:
     vth_min: float = 1e-5
     """Clamp of V_th (the official code's bounds), so an all-zero token gives zero spikes."""
     vth_max: float = 1e4
+    weight_quant: str = "none"
+    """Evaluation only: ``int8_g128`` fake-quantises the weights of every projection the
+    neuron spikes to symmetric INT8, one scale (max|w| / 127) per output row and group of 128
+    input columns (``sbtrain.spiking.quant``); embeddings, LM head, router and norms stay
+    float. Needs ``enabled``; ``sbtrain train`` refuses it (training keeps float weights)."""
 
     def __post_init__(self) -> None:
         if self.k <= 0:
             raise ConfigError("must be > 0", key="spiking.k")
         if not 0 < self.vth_min <= self.vth_max:
             raise ConfigError("need 0 < vth_min <= vth_max", key="spiking.vth_min")
+        if self.weight_quant not in WEIGHT_QUANT:
+            raise ConfigError(f"unknown weight quantisation {self.weight_quant!r}; known: "
+                              f"{', '.join(WEIGHT_QUANT)}", key="spiking.weight_quant")
+        if self.weight_quant != "none" and not self.enabled:
+            raise ConfigError("quantises the projections the neuron spikes; it needs "
+                              "spiking.enabled: true", key="spiking.weight_quant")
 
 
 @dataclass

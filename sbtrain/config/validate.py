@@ -12,6 +12,7 @@ def validate(cfg: RunConfig, world_size: int, source: str = "") -> None:
         _check_parallel(cfg, world_size)
         _check_batch(cfg, world_size)
         _check_model(cfg)
+        _check_spiking(cfg)
     except ConfigError as exc:
         raise exc.with_source(source) if source else exc from None
 
@@ -90,3 +91,11 @@ def _check_model(cfg: RunConfig) -> None:
         raise ConfigError("indexed data needs at least one path", key="data.paths")
     if cfg.data.kind == "indexed" and not cfg.data.tokenizer:
         raise ConfigError("indexed data needs a tokenizer", key="data.tokenizer")
+
+
+def _check_spiking(cfg: RunConfig) -> None:
+    if cfg.spiking.weight_quant != "none":
+        # The fake-quantiser overwrites weights in place and has no gradient rule, so a
+        # training run would silently train float weights from a quantised start.
+        raise ConfigError("weight fake-quantisation is an evaluation mode (sbtrain spikestats); "
+                          "training keeps float weights: use none", key="spiking.weight_quant")

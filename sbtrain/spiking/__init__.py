@@ -1,6 +1,8 @@
 """Spiking utilities: spike coding of integer counts, firing sparsity and energy (pure torch).
 
-The neuron itself (threshold and counts) is the ``ops.spike`` op.
+The neuron itself (threshold and counts) is the ``ops.spike`` op; its place in the model is
+``sbtrain.spiking.layers``, W8ASpike weight quantisation ``sbtrain.spiking.quant`` and the
+``sbtrain spikestats`` report ``sbtrain.spiking.spikestats``.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from sbtrain.spiking.coding import (
     decode,
     encode,
     energy_estimate,
+    histogram_window_sparsity,
     time_steps,
     window_sparsity,
 )
 
-__all__ = ["SCHEMES", "decode", "encode", "energy_estimate", "time_steps", "window_sparsity"]
+__all__ = ["SCHEMES", "decode", "encode", "energy_estimate", "histogram_window_sparsity",
+           "time_steps", "window_sparsity"]

@@ -23,8 +23,8 @@ codes (255 binary steps, 8 bits) and a symmetric range of about +-127 for the si
 (127 ternary steps, 7 bidirectional bits). The table's rules, applied to the single count
 256, give 256 / 256 / 9 / 9 / 10 steps; this module implements the table.
 
-Sparsity and energy follow Sec. 5.5 of the report (see :func:`window_sparsity` and
-:func:`energy_estimate`).
+Sparsity and energy follow Sec. 5.5 of the report (see :func:`window_sparsity`, its
+histogram form :func:`histogram_window_sparsity`, and :func:`energy_estimate`).
 """
 
 from __future__ import annotations
@@ -206,15 +206,36 @@ def window_sparsity(counts: Tensor, scheme: str = "bitwise_bidirectional", T: in
         raise ValueError(f"window T must be >= 1, got {T}")
     if not x.numel():
         raise ValueError("window_sparsity needs at least one count")
+    values, freqs = torch.unique(x, return_counts=True)
+    return histogram_window_sparsity(values, freqs, scheme, T)
+
+
+def histogram_window_sparsity(values: Tensor, freqs: Tensor, scheme: str = "bitwise_bidirectional",
+                              T: int = 3) -> dict:
+    """:func:`window_sparsity` of a count tensor given by its histogram.
+
+    ``freqs[i]`` entries hold the count ``values[i]``; entries with frequency 0 are ignored
+    (also for the two's complement width). Used to aggregate many activations without
+    keeping them (``sbtrain spikestats``).
+    """
+    if T < 1:
+        raise ValueError(f"window T must be >= 1, got {T}")
+    if values.shape != freqs.shape or values.dim() != 1:
+        raise ValueError(f"values and freqs must be 1-D of one shape, got {tuple(values.shape)} "
+                         f"and {tuple(freqs.shape)}")
+    present = freqs > 0
+    x, f = _as_counts(values[present], scheme), freqs[present].long()
+    numel = int(f.sum())
+    if not numel:
+        raise ValueError("window_sparsity needs at least one count")
     width = max(T, _needed_steps(x, scheme))
     spikes = _spikes_per_entry(x, scheme, width)
-    numel = x.numel()
-    total = int(spikes.sum())
-    overflow = int((~_fits_each(x, scheme, T)).sum())
+    total = int((spikes * f).sum())
+    overflow = int(f[~_fits_each(x, scheme, T)].sum())
     return {
         "sparsity": max(0.0, 1.0 - total / (T * numel)),
         "mean_spikes_per_channel": total / numel,
-        "silent_fraction": int((spikes == 0).sum()) / numel,
+        "silent_fraction": int(f[spikes == 0].sum()) / numel,
         "overflow_fraction": overflow / numel,
         "T": T,
     }

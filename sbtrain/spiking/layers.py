@@ -24,32 +24,100 @@ import torch.distributed as dist
 
 
 class FiringRecorder:
-    """Sums spike statistics over every neuron call while active (see :func:`recording`)."""
+    """Sums spike statistics over every neuron call while active (see :func:`recording`).
 
-    def __init__(self) -> None:
+    With ``by_site`` it also keeps an exact histogram of the counts per *site*, the module
+    whose forward called the neuron (named by :func:`attribute_sites`). The sums are the
+    same either way, so the training log's numbers do not depend on the mode.
+    """
+
+    def __init__(self, by_site: bool = False) -> None:
         self.abs_counts = 0.0
         self.firing = 0.0
         self.elements = 0.0
+        self.sites: dict | None = {} if by_site else None
+        """Site name -> ``sbtrain.spiking.stats.CountHistogram`` (``by_site`` only)."""
+        self._stack: list[str] = []
 
     def add(self, counts: torch.Tensor) -> None:
+        if self.sites is not None:
+            self._add_to_site(counts)
         counts = counts.detach().float()
         self.abs_counts += float(counts.abs().sum())
         self.firing += float((counts != 0).sum())
         self.elements += counts.numel()
 
+    def _add_to_site(self, counts: torch.Tensor) -> None:
+        from sbtrain.spiking.stats import CountHistogram
+
+        site = self._stack[-1] if self._stack else UNATTRIBUTED
+        self.sites.setdefault(site, CountHistogram()).add(counts)
+
+    def enter(self, site: str) -> None:
+        """Neuron calls from now on belong to ``site`` (until the matching :meth:`leave`)."""
+        self._stack.append(site)
+
+    def leave(self) -> None:
+        self._stack.pop()
+
+
+UNATTRIBUTED = "<unattributed>"
+"""Site of neuron calls made outside every module :func:`attribute_sites` hooked."""
 
 _RECORDER: FiringRecorder | None = None
 
 
 @contextlib.contextmanager
-def recording():
+def recording(by_site: bool = False):
     """Record spike counts of every neuron call inside the block (costs one extra pass)."""
     global _RECORDER
-    _RECORDER = FiringRecorder()
+    _RECORDER = FiringRecorder(by_site)
     try:
         yield _RECORDER
     finally:
         _RECORDER = None
+
+
+def is_spiking_linear(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a parallel linear layer made spiking by :func:`spiking_linear`."""
+    return isinstance(module, _SpikingInput)
+
+
+def neuron_sites(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
+    """Every module that calls the neuron in its forward, with its site name.
+
+    Spiking linears are named as modules (``decoder.layers.0.mlp.linear_fc1``); a GLA mixer
+    spikes its gate's input (``<mixer>.gate_down``); a sliding-window core attention, or a
+    parallel-hybrid mixer with a window, spikes its queries (``<module>.query``).
+    """
+    sites = {}
+    for name, module in model.named_modules():
+        if is_spiking_linear(module):
+            sites[module] = name
+        elif getattr(module, "input_neuron", None) is not None:
+            sites[module] = f"{name}.gate_down"
+        elif getattr(module, "query_neuron", None) is not None:
+            sites[module] = f"{name}.query"
+    return sites
+
+
+@contextlib.contextmanager
+def attribute_sites(model: torch.nn.Module, recorder: FiringRecorder):
+    """Inside the block, ``recorder`` files each neuron call under its calling module's site.
+
+    Forward pre-hooks push the site and forward hooks pop it, so nested sites (a GLA mixer
+    calling its spiking ``linear_qkv``) resolve to the innermost module.
+    """
+    handles = []
+    for module, site in neuron_sites(model).items():
+        handles.append(module.register_forward_pre_hook(
+            lambda _m, _args, site=site: recorder.enter(site)))
+        handles.append(module.register_forward_hook(lambda _m, _args, _out: recorder.leave()))
+    try:
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclasses.dataclass(frozen=True)
