@@ -26,7 +26,9 @@ def _init_kind(key: str) -> str:
 
 
 def _full_tensor(key: str, shape: tuple[int, ...], seed: int, std: float, num_layers: int,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, stream: str | None = None) -> torch.Tensor:
+    """The whole tensor ``key`` (or the part of it named ``stream``): its kind from ``key``,
+    its values from a generator seeded by ``seed`` and ``stream`` (default ``key``)."""
     kind = _init_kind(key)
     if kind == "ones":
         return torch.ones(shape, device=device)
@@ -36,7 +38,7 @@ def _full_tensor(key: str, shape: tuple[int, ...], seed: int, std: float, num_la
         # GPT-2/Megatron output-layer scaling: residual branches sum over 2 * num_layers.
         std = std / math.sqrt(2.0 * num_layers)
     # Drawn on the CPU whatever the device, so CPU and GPU runs start from the same model.
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32((stream or key).encode()))
     return (torch.randn(shape, generator=gen) * std).to(device)
 
 
@@ -64,9 +66,15 @@ def init_parameters_globally(model: torch.nn.Module, seed: int, std: float, num_
     count = 0
     for sh in _sharded_tensors(model.sharded_state_dict()):
         assert sh.flattened_range is None, "flattened shards only appear in optimizer state"
-        full = _full_tensor(sh.key, tuple(sh.global_shape), seed, std, num_layers, sh.data.device)
-        local_shape = (1,) * sh.prepend_axis_num + tuple(sh.data.shape)
-        index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, local_shape))
-        sh.data.copy_(full[index].reshape(sh.data.shape).to(sh.data.dtype))
+        # Prepended axes (the expert index of MoE weights) hold one independent tensor per
+        # global index: each is drawn on its own, keyed by that index, so a rank never draws
+        # the other experts (drawing the whole stack per expert cost num_experts times more).
+        lead = tuple(sh.global_offset[:sh.prepend_axis_num])
+        stream = sh.key + "".join(f"[{i}]" for i in lead)
+        shape = tuple(sh.global_shape[sh.prepend_axis_num:])
+        full = _full_tensor(sh.key, shape, seed, std, num_layers, sh.data.device, stream)
+        offsets = sh.global_offset[sh.prepend_axis_num:]
+        index = tuple(slice(o, o + n) for o, n in zip(offsets, sh.data.shape))
+        sh.data.copy_(full[index].to(sh.data.dtype))
         count += 1
     return count

@@ -51,3 +51,17 @@ def test_gpu_hybrid_bf16_trains_close_to_fp32(tmp_path):
                            env={"SB_PLATFORM": "cuda", **FAST}) for p in ("fp32", "bf16")}
     for a, b in zip(runs["fp32"], runs["bf16"]):
         assert abs(a["loss"] - b["loss"]) < 5e-2, (a, b)
+
+
+# The tiny 76B shape (H/F parallel hybrids, sink tokens, MoE) at head dim 16.
+SHAPE_76B = {"model.pattern": "H-F-HEFE", "model.sliding_window": 4, "model.sink_tokens": 4,
+             "data.document_mask": True, "model.vocab_size": 16, "model.hidden_size": 64}
+
+
+def test_gpu_76b_shape_fast_paths_match_cpu_reference(tmp_path):
+    """fla (linear branch, sink prefix state) and flex (sink_attention) vs the CPU references."""
+    cpu = harness.run(tmp_path, "cpu", 1, {**SHAPE_76B, "train.precision": "fp32"},
+                      env={"SB_PLATFORM": "cpu"})
+    gpu = harness.run(tmp_path, "gpu", 1, {**SHAPE_76B, "train.precision": "fp32"},
+                      env={"SB_PLATFORM": "cuda", **FAST})
+    harness.assert_same_curve(cpu, gpu, tol=3e-3)
