@@ -133,6 +133,9 @@ def _xavier(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
 
 def sbtrain_to_official(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
     """sbtrain's one-process state dict -> the official ``GLAswaForCausalLM`` tensor names."""
+    if model.sink_tokens:
+        raise ValueError("the gla_swa layout has no sink tokens; a model with "
+                         "model.sink_tokens cannot be exported to it")
     out = {"model.embeddings.weight": state["embedding.word_embeddings.weight"],
            "model.norm.weight": state["decoder.final_layernorm.weight"],
            "lm_head.weight": state["output_layer.weight"]}

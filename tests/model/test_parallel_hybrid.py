@@ -13,7 +13,7 @@ import torch
 
 from sbtrain.config import RunConfig
 from sbtrain.config.schema import GLAConfig, HybridConfig, ModelConfig
-from sbtrain.convert.mapping import hf_to_sbtrain
+from sbtrain.convert.mapping import hf_to_sbtrain, sbtrain_to_official
 from sbtrain.convert.session import model_tensors, one_process_model
 from sbtrain.model.segments import segment_ids_from_tokens
 from tests.model.parallel_hybrid_reference import reference_logits
@@ -144,3 +144,12 @@ def _as_qwen2(state: dict, model: ModelConfig) -> dict:
         hf[dst + "mlp.gate_proj.weight"], hf[dst + "mlp.up_proj.weight"] = gate, up
         hf[dst + "mlp.down_proj.weight"] = state[src + "mlp.linear_fc2.weight"]
     return hf
+
+
+def test_export_refuses_what_the_official_layout_cannot_hold():
+    with pytest.raises(ValueError, match="sink tokens"):
+        sbtrain_to_official({}, tiny_cfg(pattern="L-W-").model)
+    with pytest.raises(ValueError, match="layer 0"):
+        sbtrain_to_official({"embedding.word_embeddings.weight": torch.zeros(1),
+                             "decoder.final_layernorm.weight": torch.zeros(1),
+                             "output_layer.weight": torch.zeros(1)}, tiny_cfg(sinks=0).model)
