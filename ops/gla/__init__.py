@@ -12,7 +12,12 @@ from torch import Tensor
 
 from ops.backends import dispatch
 from ops.gla import fla_backend
-from ops.gla.reference import gla_chunked_reference, gla_input_problem, gla_recurrent_reference
+from ops.gla.reference import (
+    gla_chunked_reference,
+    gla_input_problem,
+    gla_recurrent_reference,
+    initial_state_output,
+)
 
 # Chunk size of the torch path. Its intra-chunk block costs T * chunk * K per kv head, its state
 # loop T / chunk steps; on CPU, fwd+bwd of [1, 1024, 28/4 heads, 128] takes 0.36 s at 16, 0.37 s
@@ -48,4 +53,5 @@ def gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | None = None,
 
 fla_backend.register(gla.registry)
 
-__all__ = ["TORCH_CHUNK_SIZE", "gla", "gla_chunked_reference", "gla_input_problem", "gla_recurrent_reference"]
+__all__ = ["TORCH_CHUNK_SIZE", "gla", "gla_chunked_reference", "gla_input_problem", "gla_recurrent_reference",
+           "initial_state_output"]

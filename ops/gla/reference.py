@@ -209,3 +209,32 @@ def _inter_chunk(q: Tensor, b: Tensor, entering: Tensor) -> Tensor:
     """Contribution of the state entering each chunk: ``[B, Hkv, NC, G, C, V]`` (unscaled)."""
     q_decayed = q * b.exp().unsqueeze(3)
     return q_decayed @ entering.unsqueeze(3)
+
+
+def initial_state_output(q: Tensor, log_decay: Tensor, state: Tensor, scale: float,
+                         segment_ids: Tensor | None = None) -> Tensor:
+    """What an initial state adds to GLA's outputs, in plain torch (differentiable).
+
+    ``gla(q, k, v, g, initial_state=S0)`` equals ``gla(q, k, v, g)`` plus this term,
+    ``scale * (q_t * exp(sum of g since the start)) @ S0`` per kv group: q ``[b, s, H, K]``,
+    log_decay ``[b, s, Hkv, K]``, state ``[b, Hkv, K, V]`` -> ``[b, s, H, V]`` in fp32 (fp64 for
+    fp64 q). With
+    ``segment_ids`` ([b, s]) the sum restarts at each document start and every document gets
+    ``state`` (the row's). Exponents are <= 0: terms underflow to their true value 0.
+    """
+    batch, seq, heads, dim = q.shape
+    groups = state.shape[1]
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    log_decay = log_decay.to(dtype)
+    decay = log_decay.cumsum(1)
+    if segment_ids is not None:
+        # subtract the cumulative decay before each token's document start
+        positions = torch.arange(seq, device=q.device).expand(batch, seq)
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        first = torch.cummax(torch.where(starts, positions, 0), dim=1).values
+        index = first[:, :, None, None].expand_as(decay)
+        decay = decay - (decay.gather(1, index) - log_decay.gather(1, index))
+    decayed = q.to(dtype).view(batch, seq, groups, heads // groups, dim) * decay.exp()[:, :, :, None]
+    out = torch.einsum("bsgjk,bgkv->bsgjv", decayed, state.to(dtype)) * scale
+    return out.reshape(batch, seq, heads, -1)

@@ -126,11 +126,11 @@ def linear_attention(q, k, v, log_decay, segment_ids: torch.Tensor | None, scale
     they leave is the initial state of every row and every document: a learned prefix that
     no document boundary erases (the report leaves sinks in linear attention open).
     """
-    from ops.gla import gla
+    from ops.gla import gla, initial_state_output
 
     if sink_tokens:
         # The S sink positions run in plain torch (S = 128: cheap), and their state enters the
-        # regular tokens as an additive term (``_state_term``), so the fused kernel runs
+        # regular tokens as an additive term (``initial_state_output``), so the fused kernel runs
         # without initial or final states: fla 0.6 fails to compile some of its state-passing
         # autotune configs at head dim 128 (Triton PassManager error on an H100).
         from ops.gla import gla_chunked_reference
@@ -148,30 +148,8 @@ def linear_attention(q, k, v, log_decay, segment_ids: torch.Tensor | None, scale
         out = out.reshape(batch, seq, *out.shape[2:])
     if not sink_tokens:
         return out
-    out = out + _state_term(q, log_decay, state, segment_ids, scale).to(out.dtype)
+    out = out + initial_state_output(q, log_decay, state, scale, segment_ids).to(out.dtype)
     return torch.cat([out_sinks.to(out.dtype), out], dim=1)
-
-
-def _state_term(q, log_decay, state, segment_ids, scale: float) -> torch.Tensor:
-    """What a state ``state`` [b, G, K, V] held before each row's (or document's) first token
-    adds to the outputs: ``scale * (q_t * exp(sum of log decays since that start)) @ state``.
-
-    Exponents are <= 0, so terms underflow to their true value 0 instead of overflowing.
-    """
-    batch, seq, heads, dim = q.shape
-    groups = state.shape[1]
-    decay = log_decay.float().cumsum(1)
-    if segment_ids is not None:
-        # subtract the cumulative decay before each token's document start
-        positions = torch.arange(seq, device=q.device).expand(batch, seq)
-        starts = torch.ones_like(segment_ids, dtype=torch.bool)
-        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-        first = torch.cummax(torch.where(starts, positions, 0), dim=1).values
-        index = first[:, :, None, None].expand_as(decay)
-        decay = decay - (decay.gather(1, index) - log_decay.float().gather(1, index))
-    decayed = q.float().view(batch, seq, groups, heads // groups, dim) * decay.exp()[:, :, :, None]
-    out = torch.einsum("bsgjk,bgkv->bsgjv", decayed, state.float()) * scale
-    return out.reshape(batch, seq, heads, -1)
 
 
 def head_rms_norm(out: torch.Tensor, weight: torch.Tensor, eps: float, tp_group) -> torch.Tensor:

@@ -329,3 +329,29 @@ def test_chunked_reference_on_gpu_matches_recurrent():
     got = fwd_bwd(gla_chunked_reference, inputs)
     # cuBLAS may use TF32 for fp32 matmuls if enabled globally; 1e-5 holds with the default (off)
     assert_all_close(got, ref, 1e-4)
+
+
+def test_initial_state_output_is_what_an_initial_state_adds():
+    """gla(S0) == gla(0) + initial_state_output(S0), per row and, with segment ids, per document."""
+    from ops.gla import initial_state_output
+
+    gen = torch.Generator().manual_seed(7)
+    B, T, H, Hkv, K, V = 2, 21, 4, 2, 8, 6
+    q, k, v = (torch.randn(B, T, h, d, generator=gen, dtype=torch.float64)
+               for h, d in ((H, K), (Hkv, K), (Hkv, V)))
+    g = F.logsigmoid(torch.randn(B, T, Hkv, K, generator=gen, dtype=torch.float64))
+    s0 = torch.randn(B, Hkv, K, V, generator=gen, dtype=torch.float64)
+    with_state, _ = gla_recurrent_reference(q, k, v, g, 0.5, initial_state=s0)
+    without, _ = gla_recurrent_reference(q, k, v, g, 0.5)
+    term = initial_state_output(q, g, s0, 0.5)
+    torch.testing.assert_close(without + term, with_state, rtol=1e-10, atol=1e-10)
+    # documents [0, 7), [7, 15), [15, 21) in row 0 and [0, 4), [4, 21) in row 1, each from s0
+    segments = torch.zeros(B, T, dtype=torch.long)
+    segments[0, 7:], segments[0, 15:], segments[1, 4:] = 1, 2, 1
+    cu = torch.tensor([0, 7, 15, 21, 25, 42])
+    flat = [t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, g)]
+    per_doc = s0[torch.tensor([0, 0, 0, 1, 1])]
+    docs, _ = gla_recurrent_reference(*flat, 0.5, initial_state=per_doc, cu_seqlens=cu)
+    docs0, _ = gla_recurrent_reference(*flat, 0.5, cu_seqlens=cu)
+    term = initial_state_output(q, g, s0, 0.5, segments).reshape(1, B * T, H, V)
+    torch.testing.assert_close(docs0 + term, docs, rtol=1e-10, atol=1e-10)
