@@ -1,0 +1,118 @@
+"""Gated linear attention over a sequence split across ranks (LASP-2 style state exchange).
+
+Each rank of the sequence-parallel group holds one contiguous slice of every sequence (rank
+order = sequence order; slices may differ in length). Per rank:
+
+1. the local recurrence from a zero state (``ops.gla.gla``, the fused kernel on GPUs);
+2. the state the slice leaves, ``S_r`` (from zero, over the slice's last document), and the
+   slice's total decay ``D_r = exp(sum of g)`` (0 when a document starts inside the slice);
+3. one all-gather of ``(S_r, D_r)``: ``[b, Hkv, K, V + 1]`` per rank, independent of the
+   sequence length;
+4. the state entering rank r, ``E_r = S_{r-1} + D_{r-1} E_{r-1}`` (zero when rank r's first
+   token starts a new document; ``D`` is 0 for a slice that starts or contains a document
+   start), added to the outputs of rank r's first document as the term
+   ``ops.gla.initial_state_output``.
+
+The backward pass is autograd through the same steps; the gather's backward sums every
+rank's gradient for each rank's ``(S_r, D_r)`` with one all-reduce of the same size, so state
+gradients flow back to the earlier slices. Documents (``segment_ids``, global ids sliced
+like the tokens) restart the state wherever they start, also inside a slice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class _GatherStates(torch.autograd.Function):
+    """All-gather along a new leading rank axis; backward: all-reduce, keep this rank's slot."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def _gather_ids(x: Tensor, group) -> Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def _slice_state(k: Tensor, v: Tensor, g: Tensor, last_doc: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(state left by the slice's last document from a zero start [b, Hkv, K, V], log of the
+    decay the whole slice applies to an incoming state [b, Hkv, K]), in fp32 (fp64 for fp64)."""
+    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    k, v, g = k.to(dtype), v.to(dtype), g.to(dtype)
+    cum = g.cumsum(1)
+    total = cum[:, -1]
+    weight = (total[:, None] - cum).exp()
+    if last_doc is not None:
+        weight = weight * last_doc[:, :, None, None]
+    state = torch.einsum("bsgk,bsgv->bgkv", k * weight, v)
+    return state, total
+
+
+def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, group,
+           segment_ids: Tensor | None = None) -> Tensor:
+    """GLA of this rank's slice ``[b, s_r, ...]`` (layout of ``ops.gla.gla``) of sequences
+    split over ``group``; returns this slice's outputs ``[b, s_r, H, V]``."""
+    from ops.gla import gla, initial_state_output
+    from sbtrain.model.segments import cu_seqlens_from_segments
+
+    batch, seq = q.shape[:2]
+    if segment_ids is None:
+        out, _ = gla(q, k, v, g, scale=scale)
+        first_doc = last_doc = None
+        through = torch.ones(batch, device=q.device)
+    else:
+        cu_seqlens = cu_seqlens_from_segments(segment_ids)
+        flat = [t.reshape(1, batch * seq, *t.shape[2:]) for t in (q, k, v, g)]
+        out, _ = gla(*flat, scale=scale, cu_seqlens=cu_seqlens)
+        out = out.reshape(batch, seq, *out.shape[2:])
+        first_doc = (segment_ids == segment_ids[:, :1]).float()
+        last_doc = (segment_ids == segment_ids[:, -1:]).float()
+        # an incoming state passes through only a slice that is one document throughout
+        through = (segment_ids == segment_ids[:, :1]).all(1).float()
+    rank = dist.get_rank(group)
+    continues = _continues(segment_ids, group, rank, batch, q.device)
+    state, log_total = _slice_state(k, v, g, last_doc)
+    # what this slice does to a state arriving from the previous slice: decay it, or stop it
+    # (its first token starts a new document, or a document starts inside it)
+    decay = log_total.exp() * (through * continues)[:, None, None]
+    packed = torch.cat([state, decay[..., None]], dim=-1)
+    gathered = _GatherStates.apply(packed, group)           # [P, b, Hkv, K, V + 1]
+    entering = torch.zeros_like(state)
+    for j in range(gathered.shape[0]):
+        # every slot enters the graph (weight 0 from rank j >= this rank on), so that every
+        # rank, rank 0 included, joins the all-reduce of the gather's backward
+        keep = 1.0 if j < rank else 0.0
+        step = gathered[j, ..., :-1] + gathered[j, ..., -1:] * entering
+        entering = keep * step + (1.0 - keep) * entering
+    entering = entering * continues[:, None, None, None]
+    term = initial_state_output(q, g, entering, scale)
+    if first_doc is not None:
+        term = term * first_doc[:, :, None, None]
+    return out + term.to(out.dtype)
+
+
+def _continues(segment_ids: Tensor | None, group, rank: int, batch: int, device) -> Tensor:
+    """[b] 1 where this slice's first token continues the previous slice's last document
+    (rank 0 receives nothing, so its value does not matter)."""
+    if segment_ids is None:
+        return torch.ones(batch, device=device)
+    edges = torch.stack([segment_ids[:, 0], segment_ids[:, -1]], dim=-1)
+    gathered = _gather_ids(edges, group)                      # [P, b, 2], every rank joins
+    if rank == 0:
+        return torch.ones(batch, device=device)
+    return (gathered[rank, :, 0] == gathered[rank - 1, :, 1]).float()
