@@ -25,28 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-class _GatherStates(torch.autograd.Function):
-    """All-gather along a new leading rank axis; backward: all-reduce, keep this rank's slot."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
-
-
-def _gather_ids(x: Tensor, group) -> Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.stack(parts)
+from parallel.sp_comm import all_gather_values, all_gather_with_grad
 
 
 def _slice_state(k: Tensor, v: Tensor, g: Tensor, last_doc: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -91,7 +70,7 @@ def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, group,
     # (its first token starts a new document, or a document starts inside it)
     decay = log_total.exp() * (through * continues)[:, None, None]
     packed = torch.cat([state, decay[..., None]], dim=-1)
-    gathered = _GatherStates.apply(packed, group)           # [P, b, Hkv, K, V + 1]
+    gathered = all_gather_with_grad(packed, group)          # [P, b, Hkv, K, V + 1]
     entering = torch.zeros_like(state)
     for j in range(gathered.shape[0]):
         # every slot enters the graph (weight 0 from rank j >= this rank on), so that every
@@ -112,7 +91,7 @@ def _continues(segment_ids: Tensor | None, group, rank: int, batch: int, device)
     if segment_ids is None:
         return torch.ones(batch, device=device)
     edges = torch.stack([segment_ids[:, 0], segment_ids[:, -1]], dim=-1)
-    gathered = _gather_ids(edges, group)                      # [P, b, 2], every rank joins
+    gathered = all_gather_values(edges, group)                # [P, b, 2], every rank joins
     if rank == 0:
         return torch.ones(batch, device=device)
     return (gathered[rank, :, 0] == gathered[rank - 1, :, 1]).float()

@@ -1,0 +1,89 @@
+"""Causal softmax attention (full or sliding window) over a sequence split across ranks.
+
+Each rank of the sequence-parallel group holds one contiguous slice of every sequence (rank
+order = sequence order; slices may differ in length). A query needs the keys/values of its
+own slice plus, from earlier slices:
+
+* sliding window ``w``: the ``w`` positions before its slice starts (a halo). Every rank
+  all-gathers the last ``min(w, s_j)`` keys/values of each slice: volume ``P * w`` per rank,
+  independent of the sequence length. With slices shorter than the window the tails of
+  several earlier ranks chain into the halo.
+* full attention (``window=None``): every earlier position, i.e. an all-gather of K/V.
+
+Chosen over Ulysses (all-to-all over heads) because it needs no head padding when heads do
+not divide the SP size and moves only the halo for SWA; Ulysses moves q, k, v and the
+output (4 activations of the full width) per layer whatever the window. Gradients of the
+gathered keys/values return to their ranks through one all-reduce of the same size.
+
+This module computes the attention with an explicit fp32 mask (CPU path and reference);
+the fused GPU kernel with position offsets is not written yet.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from parallel.sp_comm import all_gather_values, all_gather_with_grad
+
+
+def sp_softmax_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float,
+                         group, segment_ids: Tensor | None = None) -> Tensor:
+    """This rank's slice ``q [b, H, s_r, D]``, ``k, v [b, Hkv, s_r, D]`` (layout of
+    ``ops.attention.softmax_attention``, ``segment_ids [b, s_r]`` global document ids sliced
+    like the tokens) -> this slice's outputs ``[b, H, s_r, D]``."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    batch, _, seq, _ = q.shape
+    lengths = all_gather_values(torch.tensor([seq], device=q.device), group).flatten().tolist()
+    starts = [sum(lengths[:j]) for j in range(world)]
+    tails = [n if window is None else min(window, n) for n in lengths]
+    width = max(tails)
+    # every rank's tail, left-padded to one width; slot j holds positions [end_j - width, end_j)
+    kv_tail = torch.cat([k, v], dim=1)[:, :, seq - tails[rank]:]
+    kv_tail = torch.nn.functional.pad(kv_tail, (0, 0, width - tails[rank], 0))
+    gathered = all_gather_with_grad(kv_tail, group)          # [P, b, 2 Hkv, width, D]
+    keys_pos, valid = _tail_positions(starts, lengths, tails, width, rank, q.device)
+    k_all = torch.cat([*(gathered[:, :, :k.shape[1]].unbind(0)), k], dim=2)
+    v_all = torch.cat([*(gathered[:, :, k.shape[1]:].unbind(0)), v], dim=2)
+    keys_pos = torch.cat([keys_pos, starts[rank] + torch.arange(seq, device=q.device)])
+    valid = torch.cat([valid, torch.ones(seq, dtype=torch.bool, device=q.device)])
+    q_pos = starts[rank] + torch.arange(seq, device=q.device)
+    allowed = valid[None, :] & (keys_pos[None, :] <= q_pos[:, None])
+    if window is not None:
+        allowed &= q_pos[:, None] - keys_pos[None, :] <= window
+    allowed = allowed.expand(batch, seq, -1)
+    if segment_ids is not None:
+        key_segments = _key_segments(segment_ids, tails, width, rank, group)
+        allowed = allowed & (segment_ids[:, :, None] == key_segments[:, None, :])
+    return _masked_attention(q, k_all, v_all, allowed, scale)
+
+
+def _tail_positions(starts, lengths, tails, width, rank, device) -> tuple[Tensor, Tensor]:
+    """Global positions of the gathered tail slots and which slots hold a real earlier key
+    (this rank's own tail is left out: its slice is used whole)."""
+    positions, valid = [], []
+    for j, (start, length, tail) in enumerate(zip(starts, lengths, tails)):
+        end = start + length
+        positions.append(torch.arange(end - width, end, device=device))
+        slot = torch.arange(width, device=device) >= width - tail
+        valid.append(slot & (j != rank))
+    return torch.cat(positions), torch.cat(valid)
+
+
+def _key_segments(segment_ids: Tensor, tails, width, rank, group) -> Tensor:
+    seq = segment_ids.shape[1]
+    tail = segment_ids[:, seq - tails[rank]:]
+    tail = torch.nn.functional.pad(tail, (width - tails[rank], 0), value=-1)
+    gathered = all_gather_values(tail, group)                  # [P, b, width]
+    return torch.cat([*gathered.unbind(0), segment_ids], dim=1)
+
+
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """fp32 (fp64 for fp64) softmax attention with a [b, s_q, s_k] mask; GQA by repetition."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1).to(dtype) for t in (k, v))
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(dtype), k) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v).to(q.dtype)
