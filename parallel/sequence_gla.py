@@ -62,7 +62,7 @@ def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, group,
         first_doc = (segment_ids == segment_ids[:, :1]).float()
         last_doc = (segment_ids == segment_ids[:, -1:]).float()
         # an incoming state passes through only a slice that is one document throughout
-        through = (segment_ids == segment_ids[:, :1]).all(1).float()
+        through = first_doc.amin(1)
     rank = dist.get_rank(group)
     continues = _continues(segment_ids, group, rank, batch, q.device)
     state, log_total = _slice_state(k, v, g, last_doc)

@@ -29,54 +29,68 @@ FEATURE_MAPS = {"relu": F.relu, "sigmoid": torch.sigmoid}
 
 
 @dataclass
-class GLASubmodules:
-    """Linear layer classes (Megatron's Column/RowParallelLinear by default)."""
+class ProjectionSubmodules:
+    """Linear layer classes of a mixer's fused q/k/v and output projection (Megatron's
+    Column/RowParallelLinear by default); the GLA and the parallel-hybrid mixers share it."""
 
     linear_qkv: type
     linear_proj: type
 
 
+def local_heads(config, tp_group, mixer: str) -> tuple[int, int, int]:
+    """(query heads, kv heads, head dim) of this TP rank; heads are sharded over TP."""
+    tp = tp_group.size()
+    heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
+    if heads % tp or groups % tp:
+        raise ValueError(f"{mixer} shards heads over TP: {heads} query heads and {groups} kv "
+                         f"heads must both divide by tp={tp}")
+    return heads // tp, groups // tp, dim
+
+
+def attention_projections(config, submodules: ProjectionSubmodules, add_qkv_bias: bool, tp_group):
+    """(fused q/k/v column-parallel, output row-parallel) in SelfAttention's layout."""
+    heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
+    qkv = submodules.linear_qkv(
+        config.hidden_size, (heads + 2 * groups) * dim, config=config,
+        init_method=config.init_method, gather_output=False, bias=add_qkv_bias,
+        skip_bias_add=False, is_expert=False, tp_group=tp_group)
+    proj = submodules.linear_proj(
+        heads * dim, config.hidden_size, config=config,
+        init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+        skip_bias_add=True, is_expert=False, tp_group=tp_group)
+    return qkv, proj
+
+
 class GatedLinearAttention(MegatronModule):
     """SpikingBrain-7B's GLA layer over [s, b, h] hidden states; returns (output, bias)."""
 
-    def __init__(self, config, submodules: GLASubmodules, layer_number: int,
+    def __init__(self, config, submodules: ProjectionSubmodules, layer_number: int,
                  pg_collection=None, gate_rank: int = 16, gate_normalizer: float = 16.0,
                  feature_map: str = "relu", add_qkv_bias: bool = True, input_neuron=None,
                  sink_tokens: int = 0, **unused) -> None:
         super().__init__(config=config)
         tp_group = pg_collection.tp
-        tp = tp_group.size()
-        heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
-        if heads % tp or groups % tp:
-            raise ValueError(f"GLA shards heads over TP: {heads} query heads and {groups} kv "
-                             f"heads must both divide by tp={tp}")
         self.layer_number = layer_number
-        self.heads, self.groups, self.head_dim = heads // tp, groups // tp, dim
+        self.heads, self.groups, self.head_dim = local_heads(config, tp_group, "GLA")
+        groups, dim = config.num_query_groups, config.kv_channels
         self.gate_normalizer = gate_normalizer
         self.feature_map = FEATURE_MAPS[feature_map]
         self.tp_group = tp_group
         self.sink_tokens = sink_tokens
         # Spiking: the gate's down-projection sees the spiked input, as linear_qkv does.
         self.input_neuron = input_neuron
-        init = config.init_method
-        self.linear_qkv = submodules.linear_qkv(
-            config.hidden_size, (heads + 2 * groups) * dim, config=config, init_method=init,
-            gather_output=False, bias=add_qkv_bias, skip_bias_add=False, is_expert=False,
-            tp_group=tp_group)
+        self.linear_qkv, self.linear_proj = attention_projections(config, submodules, add_qkv_bias,
+                                                                  tp_group)
         # Low-rank gate: hidden -> rank (replicated) -> kv dims (sharded with the kv heads).
         self.gate_down = torch.nn.Linear(config.hidden_size, gate_rank, bias=False,
                                          dtype=config.params_dtype)
         # Always a plain ColumnParallelLinear: W8ASpike spikes the gate's input x (collapsing
         # both factors into one projection), never this rank-16 intermediate.
         self.gate_up = ColumnParallelLinear(
-            gate_rank, groups * dim, config=config, init_method=init, gather_output=False,
-            bias=True, skip_bias_add=False, is_expert=False, tp_group=tp_group)
+            gate_rank, groups * dim, config=config, init_method=config.init_method,
+            gather_output=False, bias=True, skip_bias_add=False, is_expert=False, tp_group=tp_group)
         self.g_norm_weight = torch.nn.Parameter(torch.ones(dim))
         self.norm_eps = config.layernorm_epsilon
-        self.linear_proj = submodules.linear_proj(
-            heads * dim, config.hidden_size, config=config, init_method=config.output_layer_init_method,
-            bias=False, input_is_parallel=True, skip_bias_add=True, is_expert=False,
-            tp_group=tp_group)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **unused) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -63,14 +63,15 @@ def _gla_layer(model: ModelConfig, ffn: str):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from sbtrain.model.gla import GatedLinearAttention, GLASubmodules
+    from sbtrain.model.gla import GatedLinearAttention, ProjectionSubmodules
 
     gla = ModuleSpec(
         module=GatedLinearAttention,
         params=dict(gate_rank=model.gla.gate_rank, gate_normalizer=model.gla.gate_normalizer,
                     feature_map=model.gla.feature_map, add_qkv_bias=model.qkv_bias,
                     sink_tokens=model.sink_tokens),
-        submodules=GLASubmodules(linear_qkv=ColumnParallelLinear, linear_proj=RowParallelLinear),
+        submodules=ProjectionSubmodules(linear_qkv=ColumnParallelLinear,
+                                        linear_proj=RowParallelLinear),
     )
     return _with_mixer(_local_layer(model, ffn), gla)
 
@@ -79,14 +80,15 @@ def _parallel_hybrid_layer(model: ModelConfig, ffn: str, window: int | None):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from sbtrain.model.parallel_hybrid import ParallelHybridAttention, ParallelHybridSubmodules
+    from sbtrain.model.gla import ProjectionSubmodules
+    from sbtrain.model.parallel_hybrid import ParallelHybridAttention
 
     mixer = ModuleSpec(
         module=ParallelHybridAttention,
         params=dict(window=window, shared_projections=model.hybrid.shared_projections,
                     sink_tokens=model.sink_tokens, add_qkv_bias=model.qkv_bias),
-        submodules=ParallelHybridSubmodules(linear_qkv=ColumnParallelLinear,
-                                            linear_proj=RowParallelLinear),
+        submodules=ProjectionSubmodules(linear_qkv=ColumnParallelLinear,
+                                        linear_proj=RowParallelLinear),
     )
     return _with_mixer(_local_layer(model, ffn), mixer)
 

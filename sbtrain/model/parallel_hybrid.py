@@ -23,22 +23,19 @@ linear branch runs them as a prefix whose final state starts every row and docum
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from sbtrain.model.core_attention import causal_attention
-from sbtrain.model.gla import head_rms_norm, linear_attention, split_qkv
-
-
-@dataclass
-class ParallelHybridSubmodules:
-    """Linear layer classes (Megatron's Column/RowParallelLinear by default)."""
-
-    linear_qkv: type
-    linear_proj: type
+from sbtrain.model.gla import (
+    ProjectionSubmodules,
+    attention_projections,
+    head_rms_norm,
+    linear_attention,
+    local_heads,
+    split_qkv,
+)
 
 
 class ParallelHybridAttention(MegatronModule):
@@ -52,43 +49,27 @@ class ParallelHybridAttention(MegatronModule):
         The other arguments follow Megatron's attention builder protocol.
     """
 
-    def __init__(self, config, submodules: ParallelHybridSubmodules, layer_number: int,
+    def __init__(self, config, submodules: ProjectionSubmodules, layer_number: int,
                  pg_collection=None, window: int | None = None, shared_projections: bool = True,
                  sink_tokens: int = 0, add_qkv_bias: bool = True, query_neuron=None,
                  **unused) -> None:
         super().__init__(config=config)
         tp_group = pg_collection.tp
-        tp = tp_group.size()
-        heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
-        if heads % tp or groups % tp:
-            raise ValueError(f"the parallel hybrid shards heads over TP: {heads} query heads and "
-                             f"{groups} kv heads must both divide by tp={tp}")
         self.layer_number = layer_number
-        self.heads, self.groups, self.head_dim = heads // tp, groups // tp, dim
+        self.heads, self.groups, self.head_dim = local_heads(config, tp_group, "the parallel hybrid")
         self.window, self.sink_tokens = window, sink_tokens
         self.shared_projections = shared_projections
         self.query_neuron = query_neuron
         self.tp_group = tp_group
         self.norm_eps = config.layernorm_epsilon
-        self.linear_qkv, self.linear_proj = self._projections(config, submodules, add_qkv_bias)
+        self.linear_qkv, self.linear_proj = attention_projections(config, submodules, add_qkv_bias,
+                                                                  tp_group)
         if not shared_projections:
             self.softmax_branch = torch.nn.Module()
-            qkv, proj = self._projections(config, submodules, add_qkv_bias)
+            qkv, proj = attention_projections(config, submodules, add_qkv_bias, tp_group)
             self.softmax_branch.linear_qkv, self.softmax_branch.linear_proj = qkv, proj
-        self.linear_norm_weight = torch.nn.Parameter(torch.ones(dim))
-        self.softmax_norm_weight = torch.nn.Parameter(torch.ones(dim))
-
-    def _projections(self, config, submodules: ParallelHybridSubmodules, add_qkv_bias: bool):
-        heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
-        qkv = submodules.linear_qkv(
-            config.hidden_size, (heads + 2 * groups) * dim, config=config,
-            init_method=config.init_method, gather_output=False, bias=add_qkv_bias,
-            skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
-        proj = submodules.linear_proj(
-            heads * dim, config.hidden_size, config=config,
-            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
-            skip_bias_add=True, is_expert=False, tp_group=self.tp_group)
-        return qkv, proj
+        self.linear_norm_weight = torch.nn.Parameter(torch.ones(self.head_dim))
+        self.softmax_norm_weight = torch.nn.Parameter(torch.ones(self.head_dim))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb=None, **unused) -> tuple[torch.Tensor, torch.Tensor | None]:
