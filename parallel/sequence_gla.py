@@ -17,6 +17,13 @@ The backward pass is autograd through the same steps; the gather's backward sums
 rank's gradient for each rank's ``(S_r, D_r)`` with one all-reduce of the same size, so state
 gradients flow back to the earlier slices. Documents (``segment_ids``, global ids sliced
 like the tokens) restart the state wherever they start, also inside a slice.
+
+An ``initial_state`` I (the sink tokens' state, the same on every rank) starts every row and
+every document instead of zero. Each rank then computes its slice as if I entered its first
+token too, and the exchange carries corrections: the packet holds ``S_r - I`` (``S_r`` now
+starts from I at its last document's start) and the state entering rank r is ``I + Δ_r`` with
+``Δ_{r+1} = (S_r - I) + D_r Δ_r`` (zero where a document starts). Without I this is the
+recursion above.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from torch import Tensor
 from parallel.sp_comm import all_gather_values, all_gather_with_grad
 
 
-def _slice_state(k: Tensor, v: Tensor, g: Tensor, last_doc: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(state left by the slice's last document from a zero start [b, Hkv, K, V], log of the
-    decay the whole slice applies to an incoming state [b, Hkv, K]), in fp32 (fp64 for fp64)."""
+def _slice_state(k: Tensor, v: Tensor, g: Tensor, last_doc: Tensor | None,
+                 initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(state left by the slice's last document [b, Hkv, K, V], starting from zero, or from
+    ``initial_state`` at that document's start; log of the decay the whole slice applies to an
+    incoming state [b, Hkv, K]), in fp32 (fp64 for fp64)."""
     dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
     k, v, g = k.to(dtype), v.to(dtype), g.to(dtype)
     cum = g.cumsum(1)
@@ -39,13 +48,17 @@ def _slice_state(k: Tensor, v: Tensor, g: Tensor, last_doc: Tensor | None) -> tu
     if last_doc is not None:
         weight = weight * last_doc[:, :, None, None]
     state = torch.einsum("bsgk,bsgv->bgkv", k * weight, v)
+    if initial_state is not None:
+        last_doc_decay = total if last_doc is None else (g * last_doc[:, :, None, None]).sum(1)
+        state = state + initial_state.to(dtype) * last_doc_decay.exp()[..., None]
     return state, total
 
 
 def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, group,
-           segment_ids: Tensor | None = None) -> Tensor:
+           segment_ids: Tensor | None = None, initial_state: Tensor | None = None) -> Tensor:
     """GLA of this rank's slice ``[b, s_r, ...]`` (layout of ``ops.gla.gla``) of sequences
-    split over ``group``; returns this slice's outputs ``[b, s_r, H, V]``."""
+    split over ``group``; returns this slice's outputs ``[b, s_r, H, V]``. ``initial_state``
+    ``[b, Hkv, K, V]``: the state every row and document starts from (None: zero)."""
     from ops.gla import gla, initial_state_output
     from sbtrain.model.segments import cu_seqlens_from_segments
 
@@ -65,7 +78,11 @@ def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, group,
         through = first_doc.amin(1)
     rank = dist.get_rank(group)
     continues = _continues(segment_ids, group, rank, batch, q.device)
-    state, log_total = _slice_state(k, v, g, last_doc)
+    if initial_state is not None:
+        out = out + initial_state_output(q, g, initial_state, scale, segment_ids).to(out.dtype)
+    state, log_total = _slice_state(k, v, g, last_doc, initial_state)
+    if initial_state is not None:
+        state = state - initial_state.to(state.dtype)
     # what this slice does to a state arriving from the previous slice: decay it, or stop it
     # (its first token starts a new document, or a document starts inside it)
     decay = log_total.exp() * (through * continues)[:, None, None]

@@ -1,5 +1,6 @@
 """GLA split over 2 and 4 sequence-parallel ranks (gloo, CPU) equals the one-process op:
-outputs and the gradients of q, k, v and g, with uneven slices and packed documents."""
+outputs and the gradients of q, k, v and g, with uneven slices, packed documents and an
+initial state that starts every row and document (the sink tokens' state)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def _inputs():
     # row 0: documents start at 5 and 12 (inside slices and at an edge of the 4-way split);
     # row 1: one start at 18
     segments[0, 5:], segments[0, 12:], segments[1, 18:] = 1, 2, 1
-    return q, k, v, g, weight, segments
+    initial = torch.randn(B, HKV, K, V, generator=gen, dtype=torch.float64)
+    return q, k, v, g, weight, segments, initial
 
 
 def _bounds(world: int) -> list[int]:
@@ -33,52 +35,69 @@ def _bounds(world: int) -> list[int]:
     return [sum(sizes[:r]) for r in range(world + 1)]
 
 
-def _reference(q, k, v, g, weight, segments, documents: bool):
+def _reference(q, k, v, g, weight, segments, documents: bool, initial=None):
+    """Outputs and the gradients of q, k, v, g (and of ``initial`` when given)."""
     from ops.gla import gla_recurrent_reference
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
+    state = None if initial is None else initial.clone().requires_grad_()
     if documents:
         starts = torch.ones_like(segments, dtype=torch.bool)
         starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
         cu = torch.cat([torch.nonzero(starts.reshape(-1)).reshape(-1), torch.tensor([B * T])])
         flat = [t.reshape(1, B * T, *t.shape[2:]) for t in leaves]
-        out, _ = gla_recurrent_reference(*flat, SCALE, cu_seqlens=cu)
+        # every document starts from its row's initial state
+        docs_per_row = starts.sum(1)
+        per_doc = None if state is None else state.repeat_interleave(docs_per_row, dim=0)
+        out, _ = gla_recurrent_reference(*flat, SCALE, initial_state=per_doc, cu_seqlens=cu)
         out = out.reshape(B, T, H, V)
     else:
-        out, _ = gla_recurrent_reference(*leaves, SCALE)
+        out, _ = gla_recurrent_reference(*leaves, SCALE, initial_state=state)
     (out * weight).sum().backward()
-    return out.detach(), [t.grad for t in leaves]
+    grads = [t.grad for t in leaves] + ([] if state is None else [state.grad])
+    return out.detach(), grads
 
 
-def _worker(rank: int, world: int, store: str, documents: bool) -> None:
+def _worker(rank: int, world: int, store: str, documents: bool, initial: bool) -> None:
     from parallel.sequence_gla import sp_gla
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        q, k, v, g, weight, segments = _inputs()
-        ref_out, ref_grads = _reference(q, k, v, g, weight, segments, documents)
+        q, k, v, g, weight, segments, state = _inputs()
+        state = state if initial else None
+        ref_out, ref_grads = _reference(q, k, v, g, weight, segments, documents, state)
         lo, hi = _bounds(world)[rank:rank + 2]
         mine = [t[:, lo:hi].clone().requires_grad_() for t in (q, k, v, g)]
+        if initial:
+            state = state.clone().requires_grad_()
         seg = segments[:, lo:hi] if documents else None
-        out = sp_gla(*mine, SCALE, dist.group.WORLD, seg)
+        out = sp_gla(*mine, SCALE, dist.group.WORLD, seg, initial_state=state)
         (out * weight[:, lo:hi]).sum().backward()
         torch.testing.assert_close(out, ref_out[:, lo:hi], rtol=1e-9, atol=1e-9)
         for name, leaf, ref in zip("qkvg", mine, ref_grads):
             torch.testing.assert_close(leaf.grad, ref[:, lo:hi], rtol=1e-9, atol=1e-9,
                                        msg=lambda m, n=name: f"rank {rank} d{n}: {m}")
+        if initial:
+            # each rank holds its slice's share of the initial state's gradient
+            dist.all_reduce(state.grad)
+            torch.testing.assert_close(state.grad, ref_grads[4], rtol=1e-9, atol=1e-9)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("documents", [False, True], ids=["one_document", "packed_documents"])
-def test_sequence_parallel_gla_matches_one_process(world, documents, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), documents), nprocs=world, join=True)
+@pytest.mark.parametrize("documents,initial", [(False, False), (True, False), (True, True)],
+                         ids=["one_document", "packed_documents", "documents_initial_state"])
+def test_sequence_parallel_gla_matches_one_process(world, documents, initial, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), documents, initial), nprocs=world,
+             join=True)
 
 
 def test_reference_documents_differ():
     """The two cases differ, so passing both is not one result twice."""
-    q, k, v, g, weight, segments = _inputs()
+    q, k, v, g, weight, segments, initial = _inputs()
     plain, _ = _reference(q, k, v, g, weight, segments, False)
     docs, _ = _reference(q, k, v, g, weight, segments, True)
+    docs_initial, _ = _reference(q, k, v, g, weight, segments, True, initial)
     assert (plain - docs).abs().max() > 1e-3
+    assert (docs - docs_initial).abs().max() > 1e-3
