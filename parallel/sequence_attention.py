@@ -29,12 +29,15 @@ from parallel.sp_comm import all_gather_values, all_gather_with_grad
 
 
 def sp_softmax_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float,
-                         group, segment_ids: Tensor | None = None) -> Tensor:
+                         group, segment_ids: Tensor | None = None, sink_k: Tensor | None = None,
+                         sink_v: Tensor | None = None) -> Tensor:
     """This rank's slice ``q [b, H, s_r, D]``, ``k, v [b, Hkv, s_r, D]`` (layout of
     ``ops.attention.softmax_attention``, ``segment_ids [b, s_r]`` global document ids sliced
-    like the tokens) -> this slice's outputs ``[b, H, s_r, D]``."""
+    like the tokens) -> this slice's outputs ``[b, H, s_r, D]``. ``sink_k, sink_v``
+    ``[b, Hkv, S, D]``: sink tokens' keys/values (the same on every rank), seen by every query
+    whatever its window and document."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    batch, _, seq, _ = q.shape
+    seq = q.shape[2]
     lengths = all_gather_values(torch.tensor([seq], device=q.device), group).flatten().tolist()
     starts = [sum(lengths[:j]) for j in range(world)]
     tails = [n if window is None else min(window, n) for n in lengths]
@@ -44,19 +47,28 @@ def sp_softmax_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, sc
     kv_tail = torch.nn.functional.pad(kv_tail, (0, 0, width - tails[rank], 0))
     gathered = all_gather_with_grad(kv_tail, group)          # [P, b, 2 Hkv, width, D]
     keys_pos, valid = _tail_positions(starts, lengths, tails, width, rank, q.device)
-    k_all = torch.cat([*(gathered[:, :, :k.shape[1]].unbind(0)), k], dim=2)
-    v_all = torch.cat([*(gathered[:, :, k.shape[1]:].unbind(0)), v], dim=2)
-    keys_pos = torch.cat([keys_pos, starts[rank] + torch.arange(seq, device=q.device)])
+    keys = [*(gathered[:, :, :k.shape[1]].unbind(0)), k]
+    values = [*(gathered[:, :, k.shape[1]:].unbind(0)), v]
+    own = starts[rank] + torch.arange(seq, device=q.device)
+    keys_pos = torch.cat([keys_pos, own])
     valid = torch.cat([valid, torch.ones(seq, dtype=torch.bool, device=q.device)])
-    q_pos = starts[rank] + torch.arange(seq, device=q.device)
-    allowed = valid[None, :] & (keys_pos[None, :] <= q_pos[:, None])
-    if window is not None:
-        allowed &= q_pos[:, None] - keys_pos[None, :] <= window
-    allowed = allowed.expand(batch, seq, -1)
+    always = torch.zeros_like(valid)
+    key_segments = None
     if segment_ids is not None:
         key_segments = _key_segments(segment_ids, tails, width, rank, group)
-        allowed = allowed & (segment_ids[:, :, None] == key_segments[:, None, :])
-    return _masked_attention(q, k_all, v_all, allowed, scale)
+    if sink_k is not None:
+        sinks = sink_k.shape[2]
+        keys, values = [sink_k, *keys], [sink_v, *values]
+        # sinks sit before every token; their position only matters through k_always
+        keys_pos = torch.cat([torch.full((sinks,), -1, device=q.device), keys_pos])
+        valid = torch.cat([torch.ones(sinks, dtype=torch.bool, device=q.device), valid])
+        always = torch.cat([torch.ones(sinks, dtype=torch.bool, device=q.device), always])
+        if key_segments is not None:
+            key_segments = torch.nn.functional.pad(key_segments, (sinks, 0), value=-1)
+    return positioned_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), own,
+                                keys_pos, window=window, q_segments=segment_ids,
+                                k_segments=key_segments, k_valid=valid, k_always=always,
+                                scale=scale)
 
 
 def _tail_positions(starts, lengths, tails, width, rank, device) -> tuple[Tensor, Tensor]:
@@ -79,8 +91,18 @@ def _key_segments(segment_ids: Tensor, tails, width, rank, group) -> Tensor:
     return torch.cat([*gathered.unbind(0), segment_ids], dim=1)
 
 
-def _masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """fp32 (fp64 for fp64) softmax attention with a [b, s_q, s_k] mask; GQA by repetition."""
+def positioned_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, *,
+                         window: int | None, q_segments: Tensor | None, k_segments: Tensor | None,
+                         k_valid: Tensor, k_always: Tensor, scale: float) -> Tensor:
+    """fp32 (fp64 for fp64) softmax attention with an explicit [b, s_q, s_k] mask; GQA by
+    repetition."""
+    allowed = (k_pos[None, :] <= q_pos[:, None])
+    if window is not None:
+        allowed &= q_pos[:, None] - k_pos[None, :] <= window
+    allowed = allowed[None].expand(q.shape[0], -1, -1)
+    if q_segments is not None:
+        allowed = allowed & (q_segments[:, :, None] == k_segments[:, None, :])
+    allowed = (allowed | k_always[None, None, :]) & k_valid[None, None, :]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     k, v = (t.repeat_interleave(group, dim=1).to(dtype) for t in (k, v))

@@ -66,3 +66,45 @@ def _worker(rank, world, store, window, documents):
 def test_sequence_parallel_attention_matches_one_process(window, world, documents, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "store"), window, documents), nprocs=world,
              join=True)
+
+
+S = 3  # sink tokens
+
+
+def _sink_worker(rank, world, store, window):
+    from ops.attention import reference_sink_attention
+    from parallel.sequence_attention import sp_softmax_attention
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        q, k, v, weight, segments = _inputs()
+        gen = torch.Generator().manual_seed(9)
+        q_sink, k_sink, v_sink = (torch.randn(B, h, S, D, generator=gen, dtype=torch.float64)
+                                  for h in (H, HKV, HKV))
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, k_sink, v_sink)]
+        ref_out, _ = reference_sink_attention(*leaves[:3], q_sink, *leaves[3:], window=window,
+                                              segment_ids=segments, scale=SCALE)
+        (ref_out * weight).sum().backward()
+        lo, hi = _bounds(world)[rank:rank + 2]
+        mine = [t[:, :, lo:hi].clone().requires_grad_() for t in (q, k, v)]
+        sinks = [t.clone().requires_grad_() for t in (k_sink, v_sink)]
+        out = sp_softmax_attention(*mine, window, SCALE, dist.group.WORLD, segments[:, lo:hi],
+                                   *sinks)
+        (out * weight[:, :, lo:hi]).sum().backward()
+        torch.testing.assert_close(out, ref_out[:, :, lo:hi].detach(), rtol=1e-6, atol=1e-6)
+        for name, leaf, ref in zip("qkv", mine, leaves):
+            torch.testing.assert_close(leaf.grad, ref.grad[:, :, lo:hi], rtol=1e-6, atol=1e-6,
+                                       msg=lambda m, n=name: f"rank {rank} d{n}: {m}")
+        for name, sink, ref in zip(("k_sink", "v_sink"), sinks, leaves[3:]):
+            dist.all_reduce(sink.grad)  # each rank holds its queries' share
+            torch.testing.assert_close(sink.grad, ref.grad, rtol=1e-6, atol=1e-6,
+                                       msg=lambda m, n=name: f"rank {rank} d{n}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("window", [None, 3], ids=["full", "window3"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_attention_with_sinks_matches_one_process(window, world, tmp_path):
+    """Sink keys are seen by every query across windows and documents, as in sink_attention."""
+    mp.spawn(_sink_worker, args=(world, str(tmp_path / "store"), window), nprocs=world, join=True)
