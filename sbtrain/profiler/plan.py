@@ -1,8 +1,10 @@
-"""A run plan: parameters, FLOPs per token and per-rank memory of a config, before launching."""
+"""A run plan: parameters, FLOPs per token, per-rank memory and sequence-parallel traffic of a
+config, before launching."""
 
 from __future__ import annotations
 
 from sbtrain.config.schema import RunConfig
+from sbtrain.profiler.comm import sp_comm_per_rank
 from sbtrain.profiler.counting import count_parameters
 from sbtrain.profiler.flops import flops_per_token
 from sbtrain.profiler.memory import estimate_memory_per_rank
@@ -20,7 +22,8 @@ def make_plan(cfg: RunConfig, world_size: int | None = None,
 
     ``device_memory_gib`` lists device sizes to check the worst rank against (``fits`` means
     the estimate, which leaves out framework overhead, is at most the device size).
-    ``device_type`` resolves ``precision: auto`` (bf16 unless ``cpu``).
+    ``device_type`` resolves ``precision: auto`` (bf16 unless ``cpu``). ``sp_comm`` is
+    ``sp_comm_per_rank``'s result (``enabled`` is false when sp == 1).
     """
     world = world_size or default_world_size(cfg)
     params = count_parameters(cfg.model)
@@ -44,6 +47,7 @@ def make_plan(cfg: RunConfig, world_size: int | None = None,
         "flops_per_step": flops["total"] * tokens_per_step,
         "memory": memory,
         "fits": fits,
+        "sp_comm": sp_comm_per_rank(cfg, world, device_type=device_type),
     }
 
 
@@ -102,10 +106,53 @@ def _memory_section(plan: dict) -> list[str]:
     return lines
 
 
+def _bytes(value: float) -> str:
+    """Binary units: 512 B, 4.25 KiB, 1.50 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:,.2f} TiB"
+
+
+COMM_ROWS = {"L": "GLA state", "W": "window halo", "*": "full K/V", "H": "state + halo",
+             "F": "state + full K/V"}
+
+
+def _comm_section(plan: dict) -> list[str]:
+    comm = plan.get("sp_comm") or {}
+    if not comm.get("enabled"):
+        return []
+    lines = [
+        f"sequence-parallel traffic per rank (sp {comm['sp']}, slice {comm['slice_tokens']:,} "
+        f"tokens; ring collectives, each rank sends and receives this much)",
+        f"  {'layer':<6}{'count':>6}  {'what':<17}{'forward':>12}{'backward':>12}"
+        f"{'recompute':>12}{'per layer/mb':>14}",
+    ]
+    for code, info in comm["layers"].items():
+        lines.append(f"  {code:<6}{info['count']:>6}  {COMM_ROWS[code]:<17}"
+                     f"{_bytes(info['forward_bytes']):>12}{_bytes(info['backward_bytes']):>12}"
+                     f"{_bytes(info['recompute_bytes']):>12}{_bytes(info['total_bytes']):>14}")
+    worst = comm["stages"][comm["worst_stage"]]
+    lines.append(f"  per step: {_bytes(comm['step_bytes'])} sent and received (stage "
+                 f"{worst['stage']}: {worst['layers']} layers x {comm['num_microbatches']} "
+                 f"micro-batches, {_bytes(worst['bytes_per_microbatch'])} each)")
+    uly = comm["ulysses"]
+    for kind, info in uly["kinds"].items():
+        lines.append(f"  Ulysses (all-to-all of q, k, v, o) per {kind}-attention layer/mb: "
+                     f"{_bytes(info['total_bytes'])} vs {_bytes(info['halo_total_bytes'])} "
+                     f"gathered here ({info['ratio']:.2f}x)")
+    if uly["kinds"] and not uly["heads_divisible"]:
+        lines.append(f"  (Ulysses needs heads {uly['heads']} and kv heads {uly['kv_heads']} per "
+                     f"TP rank divisible by sp {comm['sp']}; padding them is not counted)")
+    return lines
+
+
 def format_plan(plan: dict) -> str:
     """Human-readable tables of a ``make_plan`` result."""
     par = plan["parallel"]
     head = (f"plan: pattern {plan['pattern']} | world {plan['world_size']} = dp {par['dp']} x "
             f"pp {par['pp']} x tp {par['tp']} x sp {par['sp']} (ep {par['ep']})")
-    sections = [[head], _params_section(plan), _flops_section(plan), _memory_section(plan)]
+    sections = [[head], _params_section(plan), _flops_section(plan), _memory_section(plan),
+                _comm_section(plan)]
     return "\n".join(line for section in sections for line in section)
