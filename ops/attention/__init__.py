@@ -13,6 +13,11 @@ call, to the fastest backend that accepts it (``ops.backends``):
 attention with S sink tokens ("meta tokens", SpikingBrain-76B) that every token sees; it
 returns ``(out, out_sink)`` and has its own backends (``flex``, ``lse_merge``, ``torch``).
 
+``positioned_attention(q, k, v, q_pos, k_pos, *, window, q_segments, k_segments, k_valid,
+k_always, scale)`` (``ops.attention.positioned``) is the same attention between queries and keys
+at explicit global positions, as a sequence-parallel rank holds them (keys gathered from earlier
+ranks, padding slots, sinks); backends ``flex`` and ``torch``.
+
 Layout [B, H, T, D] for q and [B, Hkv, T, D] for k, v (GQA: query head h reads kv head
 ``h // (H // Hkv)``). Query i attends key j iff ``j <= i``, ``i - j <= window`` (when given)
 and ``segment_ids[b, i] == segment_ids[b, j]`` (when given): a window of 4096 keeps the
@@ -27,6 +32,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ops.attention.flex_backend import flex_available, flex_softmax_attention, verify_flex
+from ops.attention.positioned import POSITIONED_OP_NAME, positioned_attention, reference_positioned_attention
 from ops.attention.reference import attention_mask, reference_attention
 from ops.attention.sdpa_backend import sdpa_causal_attention, verify_sdpa_causal
 from ops.attention.sinks import (
@@ -74,10 +80,13 @@ softmax_attention.registry.register(  # type: ignore[attr-defined]
 
 __all__ = [
     "OP_NAME",
+    "POSITIONED_OP_NAME",
     "SINK_OP_NAME",
     "attention_mask",
     "merge_attention",
+    "positioned_attention",
     "reference_attention",
+    "reference_positioned_attention",
     "reference_sink_attention",
     "sink_attention",
     "sink_attention_mask",
