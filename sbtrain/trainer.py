@@ -25,12 +25,14 @@ def _forward_step(data_iterator, model):
     # Megatron's attention_mask argument carries the [b, s] segment ids of packed documents.
     output = model(batch["tokens"], batch["position_ids"], batch.get("segment_ids"),
                    labels=batch["labels"])
-    return output, partial(_loss, batch["loss_mask"])
+    return output, partial(_loss, batch["loss_mask"], batch["loss_tokens"])
 
 
-def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def _loss(loss_mask: torch.Tensor, loss_tokens: torch.Tensor, per_token_loss: torch.Tensor):
+    """Mean loss over the micro-batch's ``loss_tokens`` (all sequence-parallel slices): under
+    sp > 1 this rank's share, which the schedule multiplies by sp (parallel.sequence)."""
     mask = loss_mask.to(per_token_loss.device).float().view(-1)
-    loss = (per_token_loss.float().view(-1) * mask).sum() / mask.sum().clamp(min=1)
+    loss = (per_token_loss.float().view(-1) * mask).sum() / loss_tokens.clamp(min=1)
     # clone: the schedule divides the returned loss by the micro-batch count in place.
     return loss, {"lm loss": loss.detach().clone()}
 
@@ -59,11 +61,15 @@ class Trainer:
         s, t = self.state, self.cfg.train
         dataset = s.train_ds if split == "train" else s.valid_ds
         from parallel.data import microbatches
+        from parallel.sequence import slice_microbatch
 
+        sp = s.groups.pg_collection.cp
         for batch in microbatches(dataset, step, t.global_batch_size, t.micro_batch_size,
                                   s.groups.dp_rank, s.groups.dp_size):
             if self.eod is not None:
+                # on the whole sequence: ids stay global across sequence-parallel slices
                 batch["segment_ids"] = segment_ids_from_tokens(batch["tokens"], self.eod)
+            batch = slice_microbatch(batch, sp.rank(), sp.size())
             yield {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
 
     def _run_schedule(self, step: int, split: str, forward_only: bool) -> float:
@@ -76,8 +82,9 @@ class Trainer:
             data_iterator=self._device_batches(step, split),
             model=[s.model],
             num_microbatches=num_micro,
-            # pipeline stages exchange the sink tokens' positions too
-            seq_length=t.seq_length + self.cfg.model.sink_tokens,
+            # Stages exchange this rank's slice plus the sink tokens' positions; Megatron
+            # divides the length it is given by the context-parallel size (= sp).
+            seq_length=t.seq_length + self.cfg.parallel.sp * self.cfg.model.sink_tokens,
             micro_batch_size=t.micro_batch_size,
             forward_only=forward_only,
         )
@@ -90,9 +97,11 @@ class Trainer:
         local = torch.zeros(2, dtype=torch.float64)
         if s.groups.is_last_stage and losses:
             local[0] = sum(float(x["lm loss"]) for x in losses)
-            local[1] = len(losses)
-        # Only the last stage has losses: summing over pp broadcasts them; then over dp.
-        for group in (pgc.pp, pgc.dp):
+            # sequence-parallel ranks hold shares of the same micro-batches' losses
+            local[1] = len(losses) if pgc.cp.rank() == 0 else 0
+        # Only the last stage has losses: summing over pp broadcasts them; then over the
+        # sequence-parallel shares and dp.
+        for group in (pgc.pp, pgc.cp, pgc.dp):
             buf = local.to(s.device)
             dist.all_reduce(buf, group=group)
             local = buf.cpu()

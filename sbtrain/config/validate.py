@@ -54,13 +54,13 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> None:
                           key="parallel.sequence_parallel")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("sequence_parallel needs tp > 1", key="parallel.sequence_parallel")
-    if p.sp > 1 and cfg.train.seq_length % (2 * p.sp):
-        raise ConfigError(f"seq_length must divide by 2*sp = {2 * p.sp}", key="train.seq_length")
-    if p.sp > 1:
-        # Megatron's context parallelism expects TE attention and pre-split batches; sbtrain's
-        # own mixers do not split sequences yet, so sp > 1 would silently repeat work.
-        raise ConfigError("sequence parallelism (sp > 1) is not implemented for sbtrain's "
-                          "mixers yet; use sp: 1", key="parallel.sp")
+    if p.sp > 1 and cfg.train.seq_length % p.sp:
+        raise ConfigError(f"seq_length {cfg.train.seq_length} must divide by sp = {p.sp} "
+                          "(every rank holds an equal contiguous slice)", key="train.seq_length")
+    if p.sp > 1 and p.sequence_parallel:
+        # the two split the same sequence axis; their combination is not tested
+        raise ConfigError("sp > 1 together with tensor-parallel sequence_parallel is not "
+                          "supported yet", key="parallel.sequence_parallel")
 
 
 def _check_pipeline_cuts(pattern: str, pp: int) -> None:

@@ -46,4 +46,7 @@ def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device
         pg_collection=pg_collection,
         **extra,
     )
+    from parallel.sequence import install_slice_rotary
+
+    install_slice_rotary(model, cfg.model.sink_tokens, pg_collection.cp)
     return model.to(device), config

@@ -47,6 +47,12 @@ def local_heads(config, tp_group, mixer: str) -> tuple[int, int, int]:
     return heads // tp, groups // tp, dim
 
 
+def sequence_parallel_group(pg_collection):
+    """The group sequences are split over (Megatron's context-parallel group), or None."""
+    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+    return group if group is not None and group.size() > 1 else None
+
+
 def attention_projections(config, submodules: ProjectionSubmodules, add_qkv_bias: bool, tp_group):
     """(fused q/k/v column-parallel, output row-parallel) in SelfAttention's layout."""
     heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
@@ -76,6 +82,7 @@ class GatedLinearAttention(MegatronModule):
         self.gate_normalizer = gate_normalizer
         self.feature_map = FEATURE_MAPS[feature_map]
         self.tp_group = tp_group
+        self.sp_group = sequence_parallel_group(pg_collection)
         self.sink_tokens = sink_tokens
         # Spiking: the gate's down-projection sees the spiked input, as linear_qkv does.
         self.input_neuron = input_neuron
@@ -115,7 +122,7 @@ class GatedLinearAttention(MegatronModule):
     def mix(self, q, k, v, log_decay, segment_ids: torch.Tensor | None) -> torch.Tensor:
         """The gated recurrence (ops.gla); packed documents restart the state per segment."""
         return linear_attention(q, k, v, log_decay, segment_ids, self.head_dim ** -0.5,
-                                self.sink_tokens)
+                                self.sink_tokens, self.sp_group)
 
     def output_norm(self, out: torch.Tensor) -> torch.Tensor:
         return head_rms_norm(out, self.g_norm_weight, self.norm_eps, self.tp_group)
@@ -132,16 +139,22 @@ def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
 
 
 def linear_attention(q, k, v, log_decay, segment_ids: torch.Tensor | None, scale: float,
-                     sink_tokens: int = 0) -> torch.Tensor:
+                     sink_tokens: int = 0, sp_group=None) -> torch.Tensor:
     """ops.gla over [b, s, heads, d] inputs whose first ``sink_tokens`` positions are sinks.
 
     Without sinks every row (or every document of ``segment_ids``, [b, s - sink_tokens])
     starts from a zero state. With sinks, the sinks run the recurrence first and the state
     they leave is the initial state of every row and every document: a learned prefix that
     no document boundary erases (the report leaves sinks in linear attention open).
+
+    ``sp_group`` (size > 1): the regular positions are this rank's slice of sequences split
+    over the group (``parallel.sequence_gla.sp_gla``); every rank holds the same sinks.
     """
     from ops.gla import gla, initial_state_output
 
+    if sp_group is not None and sp_group.size() > 1:
+        return _sequence_parallel_linear_attention(q, k, v, log_decay, segment_ids, scale,
+                                                   sink_tokens, sp_group)
     if sink_tokens:
         # The S sink positions run in plain torch (S = 128: cheap), and their state enters the
         # regular tokens as an additive term (``initial_state_output``), so the fused kernel runs
@@ -163,6 +176,21 @@ def linear_attention(q, k, v, log_decay, segment_ids: torch.Tensor | None, scale
     if not sink_tokens:
         return out
     out = out + initial_state_output(q, log_decay, state, scale, segment_ids).to(out.dtype)
+    return torch.cat([out_sinks.to(out.dtype), out], dim=1)
+
+
+def _sequence_parallel_linear_attention(q, k, v, log_decay, segment_ids, scale: float,
+                                        sink_tokens: int, sp_group) -> torch.Tensor:
+    from ops.gla import gla_chunked_reference
+    from parallel.sequence_gla import sp_gla
+
+    if not sink_tokens:
+        return sp_gla(q, k, v, log_decay, scale, sp_group, segment_ids)
+    # every rank runs the (identical) sink prefix itself: no communication for the sinks
+    head = [t[:, :sink_tokens] for t in (q, k, v, log_decay)]
+    out_sinks, state = gla_chunked_reference(*head, scale=scale, output_final_state=True)
+    regular = [t[:, sink_tokens:] for t in (q, k, v, log_decay)]
+    out = sp_gla(*regular, scale, sp_group, segment_ids, initial_state=state)
     return torch.cat([out_sinks.to(out.dtype), out], dim=1)
 
 

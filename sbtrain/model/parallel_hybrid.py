@@ -34,6 +34,7 @@ from sbtrain.model.gla import (
     head_rms_norm,
     linear_attention,
     local_heads,
+    sequence_parallel_group,
     split_qkv,
 )
 
@@ -61,6 +62,7 @@ class ParallelHybridAttention(MegatronModule):
         self.shared_projections = shared_projections
         self.query_neuron = query_neuron
         self.tp_group = tp_group
+        self.sp_group = sequence_parallel_group(pg_collection)
         self.norm_eps = config.layernorm_epsilon
         self.linear_qkv, self.linear_proj = attention_projections(config, submodules, add_qkv_bias,
                                                                   tp_group)
@@ -99,7 +101,7 @@ class ParallelHybridAttention(MegatronModule):
         q, k = torch.sigmoid(q), torch.sigmoid(k)
         q, k, v, log_decay = (t.transpose(0, 1) for t in (q, k, v, log_decay))
         out = linear_attention(q, k, v, log_decay, segment_ids, self.head_dim ** -0.5,
-                               self.sink_tokens)
+                               self.sink_tokens, self.sp_group)
         return out.transpose(0, 1)
 
     def _softmax_branch(self, q, k, v, segment_ids, rotary_pos_emb) -> torch.Tensor:
@@ -113,4 +115,4 @@ class ParallelHybridAttention(MegatronModule):
         if self.query_neuron is not None:
             q = self.query_neuron(q)
         return causal_attention(q, k, v, self.window, segment_ids, self.head_dim ** -0.5,
-                                self.sink_tokens)
+                                self.sink_tokens, self.sp_group)

@@ -43,6 +43,26 @@ class SinkTokenGPTModel(GPTModel):
         sinks = self.sink_tokens.to(embedded.dtype).unsqueeze(1)
         return torch.cat([sinks.expand(-1, embedded.shape[1], -1), embedded], dim=0)
 
+    def _preprocess(self, input_ids: torch.Tensor, *args, **kwargs):
+        """Megatron's preprocessing, plus an MoE padding mask under sequence parallelism.
+
+        Every sequence-parallel rank carries the same sinks; the MoE load-balancing loss must
+        count them once, as one process does, so ranks > 0 mark them as padding. Megatron
+        leaves padded tokens out of the routing statistics only (their routing and outputs
+        are unchanged). Rank 0 passes an all-False mask: with a mask Megatron counts the
+        tokens it sees on every rank, without one it assumes every rank has rank 0's count.
+        """
+        output = super()._preprocess(input_ids, *args, **kwargs)
+        cp = self.pg_collection.cp
+        if self.config.num_moe_experts and cp is not None and cp.size() > 1:
+            batch, seq = input_ids.shape
+            padding = torch.zeros(batch, self.num_sink_tokens + seq, dtype=torch.bool,
+                                  device=input_ids.device)
+            if cp.rank() > 0:
+                padding[:, :self.num_sink_tokens] = True
+            output = (*output[:5], padding, *output[6:])
+        return output
+
     def _postprocess(self, hidden_states: torch.Tensor, *args, **kwargs):
         if self.post_process:
             hidden_states = hidden_states[self.num_sink_tokens:]
