@@ -11,12 +11,14 @@ own slice plus, from earlier slices:
 * full attention (``window=None``): every earlier position, i.e. an all-gather of K/V.
 
 Chosen over Ulysses (all-to-all over heads) because it needs no head padding when heads do
-not divide the SP size and moves only the halo for SWA; Ulysses moves q, k, v and the
-output (4 activations of the full width) per layer whatever the window. Gradients of the
-gathered keys/values return to their ranks through one all-reduce of the same size.
+not divide the SP size and, for a window, moves a volume that does not grow with the sequence:
+at SpikingBrain-7B's shape and sp 8, Ulysses moves less below about 44K tokens and 3x more at
+128K (``sbtrain plan`` prints both; docs/sequence_parallel.md). Gradients of the gathered
+keys/values return to their ranks through one all-reduce of the same size.
 
-This module computes the attention with an explicit fp32 mask (CPU path and reference);
-the fused GPU kernel with position offsets is not written yet.
+The attention itself is ``ops.attention.positioned_attention`` over the gathered keys with
+their global positions: flex_attention with a block-sparse mask on GPUs, an explicit mask on
+the CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ops.attention import positioned_attention
 from parallel.sp_comm import all_gather_values, all_gather_with_grad
 
 
@@ -89,23 +92,3 @@ def _key_segments(segment_ids: Tensor, tails, width, rank, group) -> Tensor:
     tail = torch.nn.functional.pad(tail, (width - tails[rank], 0), value=-1)
     gathered = all_gather_values(tail, group)                  # [P, b, width]
     return torch.cat([*gathered.unbind(0), segment_ids], dim=1)
-
-
-def positioned_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, *,
-                         window: int | None, q_segments: Tensor | None, k_segments: Tensor | None,
-                         k_valid: Tensor, k_always: Tensor, scale: float) -> Tensor:
-    """fp32 (fp64 for fp64) softmax attention with an explicit [b, s_q, s_k] mask; GQA by
-    repetition."""
-    allowed = (k_pos[None, :] <= q_pos[:, None])
-    if window is not None:
-        allowed &= q_pos[:, None] - k_pos[None, :] <= window
-    allowed = allowed[None].expand(q.shape[0], -1, -1)
-    if q_segments is not None:
-        allowed = allowed & (q_segments[:, :, None] == k_segments[:, None, :])
-    allowed = (allowed | k_always[None, None, :]) & k_valid[None, None, :]
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group = q.shape[1] // k.shape[1]
-    k, v = (t.repeat_interleave(group, dim=1).to(dtype) for t in (k, v))
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(dtype), k) * scale
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v).to(q.dtype)
