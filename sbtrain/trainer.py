@@ -20,12 +20,25 @@ from sbtrain.trainer_setup import TrainState, build_train_state
 logger = logging.getLogger("sbtrain.train")
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(data_iterator, model, loss_chunk_tokens: int = 0):
     batch = next(data_iterator)
+    extra = {}
+    if loss_chunk_tokens:
+        extra["output_processor"] = partial(_chunked_loss, loss_chunk_tokens)
     # Megatron's attention_mask argument carries the [b, s] segment ids of packed documents.
     output = model(batch["tokens"], batch["position_ids"], batch.get("segment_ids"),
-                   labels=batch["labels"])
+                   labels=batch["labels"], **extra)
     return output, partial(_loss, batch["loss_mask"], batch["loss_tokens"])
+
+
+def _chunked_loss(chunk_tokens: int, *, hidden_states, output_layer, output_weight, labels,
+                  **unused):
+    """GPTModel's output step as per-token losses from ``ops.loss`` (``train.loss_chunk_tokens``):
+    the same numbers as its output layer + cross-entropy, without the whole logits."""
+    from ops.loss import linear_cross_entropy
+
+    weight = output_weight if output_weight is not None else output_layer.weight
+    return linear_cross_entropy(hidden_states, weight, labels, chunk_tokens)
 
 
 def _loss(loss_mask: torch.Tensor, loss_tokens: torch.Tensor, per_token_loss: torch.Tensor):
@@ -78,7 +91,8 @@ class Trainer:
         s, t = self.state, self.cfg.train
         num_micro = t.global_batch_size // (t.micro_batch_size * s.groups.dp_size)
         losses = get_forward_backward_func()(
-            forward_step_func=_forward_step,
+            forward_step_func=partial(_forward_step,
+                                      loss_chunk_tokens=self.cfg.train.loss_chunk_tokens),
             data_iterator=self._device_batches(step, split),
             model=[s.model],
             num_microbatches=num_micro,

@@ -209,6 +209,10 @@ class TrainConfig:
     """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
     recompute: bool = False
     """Full activation recomputation of every layer."""
+    loss_chunk_tokens: int = 0
+    """0: Megatron's output layer and cross-entropy over the whole ``[tokens, vocab]`` logits.
+    N > 0: ``ops.loss.linear_cross_entropy``, N tokens' logits at a time, recomputed in backward
+    (what makes 64K-128K tokens per rank fit; tp 1 only)."""
     run_dir: str = "runs/default"
     """Where metrics.jsonl, the resolved config and the profile summary go."""
 
@@ -218,6 +222,8 @@ class TrainConfig:
         for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be >= 1", key=f"train.{name}")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError("must be >= 0 (0: unchunked)", key="train.loss_chunk_tokens")
 
 
 @dataclass

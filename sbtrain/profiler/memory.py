@@ -141,9 +141,9 @@ def stage_activation_bytes(cfg: RunConfig, stage: int, act_bytes: float) -> tupl
     once (its only in-flight micro-batch).
     """
     model, p = cfg.model, cfg.parallel
-    # every layer also carries the sink tokens' positions (the logits do not)
-    positions = cfg.train.seq_length + model.sink_tokens
-    tokens = positions * cfg.train.micro_batch_size / p.sp
+    # every layer also carries the sink tokens' positions (on every sequence-parallel rank;
+    # the logits do not)
+    tokens = (cfg.train.seq_length / p.sp + model.sink_tokens) * cfg.train.micro_batch_size
     common_split = p.tp if p.sequence_parallel else 1
     per_layer = []
     for mixer, ffn in stage_layers(cfg)[stage]:
@@ -156,9 +156,21 @@ def stage_activation_bytes(cfg: RunConfig, stage: int, act_bytes: float) -> tupl
     else:
         per_microbatch = tokens * sum(per_layer) * act_bytes
     if stage == p.pp - 1:
-        logit_tokens = cfg.train.seq_length * cfg.train.micro_batch_size / p.sp
-        once += logit_tokens * model.vocab_size / p.tp * (act_bytes + LOGITS_EXTRA_BYTES)
+        once += _logits_bytes(cfg, act_bytes)
     return per_microbatch, once
+
+
+def _logits_bytes(cfg: RunConfig, act_bytes: float) -> float:
+    """Logits of one micro-batch: all of them, or with ``train.loss_chunk_tokens`` one chunk
+    (in the activation dtype, an fp32 copy and its fp32 gradient) plus the fp32 accumulator of
+    the output weight's gradient."""
+    model, p = cfg.model, cfg.parallel
+    logit_tokens = cfg.train.seq_length * cfg.train.micro_batch_size / p.sp
+    chunk = cfg.train.loss_chunk_tokens
+    if not chunk:
+        return logit_tokens * model.vocab_size / p.tp * (act_bytes + LOGITS_EXTRA_BYTES)
+    return (min(chunk, logit_tokens) * model.vocab_size * (act_bytes + 2 * LOGITS_EXTRA_BYTES)
+            + model.vocab_size * model.hidden_size * 4)
 
 
 def _stage_estimate(cfg: RunConfig, stage: int, dp: int, nbytes: Bytes) -> dict:

@@ -86,3 +86,12 @@ def test_staged_long_context_schedule(tmp_path):
 
 def _sets(overrides: dict) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+
+
+@pytest.mark.parametrize("shape,nproc,extra", [("7b", 2, {"parallel.sp": 2}), ("76b", 1, {})],
+                         ids=["7b-sp2", "76b"])
+def test_chunked_loss_matches_megatron_loss(shape, nproc, extra, baselines, tmp_path):
+    """train.loss_chunk_tokens (5: chunks that do not divide the 16 or 8 tokens) trains the
+    same curve as Megatron's output layer + cross-entropy."""
+    got = run(tmp_path, "chunked", nproc, {**SHAPES[shape], **extra, "train.loss_chunk_tokens": 5})
+    assert_same_curve(baselines[shape], got)
