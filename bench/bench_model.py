@@ -1,7 +1,8 @@
 """Training-step benchmark: hybrid (GLA + SWA) vs all-softmax layouts, spiking off/on.
 
     python3 bench/bench_model.py [--layers 8] [--seqs 8192 32768] [--steps 6]
-                                 [--spiking off|on|both] [--only hybrid|softmax] [--out DIR]
+                                 [--spiking off|on|both] [--only hybrid|softmax]
+                                 [--loss-chunk N] [--out DIR]
 
 Each (layout, sequence length) is one real ``sbtrain.train`` launch on this machine's first
 GPU (synthetic data, bf16, full recompute, micro-batch 1, one sequence per step) at
@@ -13,6 +14,11 @@ the neuron off and on (``spiking.enabled``) and adds the spiking overhead in ste
 logged step also counts the firing statistics (an extra pass): one slow step among the
 measured ones does not move the median step time the table reports. Prints a markdown
 table with the ratios and writes ``results.json`` to ``--out``.
+
+Long context (issue 6): ``--loss-chunk 4096`` computes the loss 4096 tokens' logits at a time
+(``train.loss_chunk_tokens``; the 152K-vocab logits of one 128K sequence alone are 40 GB in
+bf16). A run that runs out of memory is reported as OOM, so the largest length that trains
+is the maximum trainable sequence length at that depth.
 """
 
 from __future__ import annotations
@@ -36,14 +42,15 @@ def layouts(layers: int) -> dict[str, str]:
     return {"hybrid": "L-W-" * (layers // 2), "softmax": "*-" * layers}
 
 
-def run_one(name: str, pattern: str, seq: int, steps: int, spiking: bool, out: Path) -> dict:
+def run_one(name: str, pattern: str, seq: int, steps: int, spiking: bool, out: Path,
+            loss_chunk: int = 0) -> dict:
     run_dir = out / f"{name}_{seq}{'_spiking' if spiking else ''}"
     sets = {**WIDTH_7B, "model.pattern": pattern, "train.seq_length": seq,
             "spiking.enabled": spiking,
             "train.micro_batch_size": 1, "train.global_batch_size": 1, "train.train_iters": steps,
             "train.precision": "bf16", "train.recompute": True, "train.eval_interval": 0,
             "train.log_interval": steps if spiking else 1, "train.run_dir": str(run_dir),
-            "data.kind": "synthetic"}
+            "train.loss_chunk_tokens": loss_chunk, "data.kind": "synthetic"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            "-m", "sbtrain.train", str(REPO / "examples/configs/tiny.yaml")]
     for key, value in sets.items():
@@ -115,6 +122,8 @@ def main() -> int:
     parser.add_argument("--only", choices=["hybrid", "softmax"], default=None)
     parser.add_argument("--spiking", choices=["off", "on", "both"], default="off",
                         help="run with the spiking neuron off, on, or both (overhead column)")
+    parser.add_argument("--loss-chunk", type=int, default=0,
+                        help="train.loss_chunk_tokens (0: whole logits, Megatron's loss)")
     parser.add_argument("--out", default="runs/bench_model")
     args = parser.parse_args()
     import torch
@@ -125,11 +134,12 @@ def main() -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     spiking = {"off": [False], "on": [True], "both": [False, True]}[args.spiking]
-    results = [run_one(name, pattern, seq, args.steps, spike, out)
+    results = [run_one(name, pattern, seq, args.steps, spike, out, args.loss_chunk)
                for seq in args.seqs for name, pattern in layouts(args.layers).items()
                if args.only in (None, name) for spike in spiking]
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{torch.cuda.get_device_name()} | {args.layers} layers at 7B width\n")
+    print(f"\n{torch.cuda.get_device_name()} | {args.layers} layers at 7B width | loss chunk "
+          f"{args.loss_chunk or 'off'}\n")
     print(table(results, args.seqs))
     print(json.dumps(results))
     return 0
