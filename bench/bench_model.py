@@ -56,9 +56,11 @@ def run_one(name: str, pattern: str, seq: int, steps: int, spiking: bool, out: P
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     print(f"== {name} seq {seq} spiking {'on' if spiking else 'off'}: {pattern}", flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                              filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    # at 64K-128K tokens the caching allocator's fragmentation alone decides OOM or not
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "log.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
