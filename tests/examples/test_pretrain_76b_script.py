@@ -40,12 +40,12 @@ def _ranks(run_dir: Path) -> float:
     return profile["tokens_per_s"]["median"] / profile["tgs"]["median"]
 
 
-def _check(proc: subprocess.CompletedProcess, tmp: Path, ranks: int) -> None:
+def _check(proc: subprocess.CompletedProcess, tmp: Path, ranks: dict[str, int]) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for stage, steps in (("short", 2), ("long", 1)):
         assert [r["step"] for r in metrics(tmp / "run" / stage)] == list(range(1, steps + 1))
         assert (tmp / "ckpt" / stage / f"iter_{steps:07d}").is_dir()
-        assert round(_ranks(tmp / "run" / stage)) == ranks
+        assert round(_ranks(tmp / "run" / stage)) == ranks[stage]
 
 
 def test_torchrun_runs_the_script_with_python(tmp_path):
@@ -54,13 +54,15 @@ def test_torchrun_runs_the_script_with_python(tmp_path):
            str(SCRIPT), str(config)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
                           timeout=300)
-    _check(proc, tmp_path, ranks=2)
+    _check(proc, tmp_path, ranks={"short": 2, "long": 2})   # long: dp 1 x sp 2
 
 
 def test_bash_launches_the_world_size_of_the_yaml(tmp_path):
-    # dp 1 x pp 1: one rank (without a YAML world size the script would start 2 on a CPU)
+    # short: dp 1 = one rank (without a YAML world size the script would start 2 on a CPU);
+    # long: dp 1 x sp 2 = two ranks, one torchrun per stage with its own world size
     config = _config(tmp_path, {"dp": 1, "ep": 1})
     proc = subprocess.run(["bash", str(SCRIPT), str(config)], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=300)
-    _check(proc, tmp_path, ranks=1)
+    _check(proc, tmp_path, ranks={"short": 1, "long": 2})
     assert "torchrun with 1 ranks (1 per node)" in proc.stdout
+    assert "torchrun with 2 ranks (2 per node)" in proc.stdout
