@@ -85,9 +85,12 @@ def _worker(rank: int, world: int, store: str, documents: bool, initial: bool) -
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("documents,initial", [(False, False), (True, False), (True, True)],
-                         ids=["one_document", "packed_documents", "documents_initial_state"])
+GLA_CASES = [(2, False, False), (4, True, False), (2, True, True), (4, True, True)]
+
+
+@pytest.mark.parametrize("world,documents,initial", GLA_CASES,
+                         ids=["sp2-one_document", "sp4-packed_documents",
+                              "sp2-documents_initial_state", "sp4-documents_initial_state"])
 def test_sequence_parallel_gla_matches_one_process(world, documents, initial, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "store"), documents, initial), nprocs=world,
              join=True)
