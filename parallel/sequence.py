@@ -29,6 +29,13 @@ import torch
 SLICED_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
 
 
+def sequence_parallel_group(pg_collection):
+    """The group sequences are split over (Megatron's context-parallel group), or None when
+    sequences are whole (sp 1): what the mixers branch on."""
+    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+    return group if group is not None and group.size() > 1 else None
+
+
 def slice_bounds(seq_length: int, rank: int, size: int) -> tuple[int, int]:
     """[start, end) of rank ``rank``'s contiguous slice; ``seq_length`` must divide by ``size``."""
     if seq_length % size:

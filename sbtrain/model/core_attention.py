@@ -15,7 +15,7 @@ import math
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from sbtrain.model.gla import sequence_parallel_group
+from parallel.sequence import sequence_parallel_group
 
 
 class SoftmaxCoreAttention(MegatronModule):

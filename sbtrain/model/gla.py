@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
+from parallel.sequence import sequence_parallel_group
 from sbtrain.model.segments import cu_seqlens_from_segments
 
 FEATURE_MAPS = {"relu": F.relu, "sigmoid": torch.sigmoid}
@@ -45,12 +46,6 @@ def local_heads(config, tp_group, mixer: str) -> tuple[int, int, int]:
         raise ValueError(f"{mixer} shards heads over TP: {heads} query heads and {groups} kv "
                          f"heads must both divide by tp={tp}")
     return heads // tp, groups // tp, dim
-
-
-def sequence_parallel_group(pg_collection):
-    """The group sequences are split over (Megatron's context-parallel group), or None."""
-    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-    return group if group is not None and group.size() > 1 else None
 
 
 def attention_projections(config, submodules: ProjectionSubmodules, add_qkv_bias: bool, tp_group):

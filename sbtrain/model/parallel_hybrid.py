@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from parallel.sequence import sequence_parallel_group
 from sbtrain.model.core_attention import causal_attention
 from sbtrain.model.gla import (
     ProjectionSubmodules,
@@ -34,7 +35,6 @@ from sbtrain.model.gla import (
     head_rms_norm,
     linear_attention,
     local_heads,
-    sequence_parallel_group,
     split_qkv,
 )
 
