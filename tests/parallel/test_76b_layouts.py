@@ -25,8 +25,8 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("baseline76b"), "one", 1, SHAPE_76B)
+def baseline(one_process_curve):
+    return one_process_curve(SHAPE_76B)
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))

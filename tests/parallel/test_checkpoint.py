@@ -16,15 +16,15 @@ def _interrupted(tmp, name, nproc_first, first, nproc_second, second, common):
     return run(tmp, f"{name}_b", nproc_second, {**STEPS, **common, **second, **save})
 
 
-def test_resume_is_exact(tmp_path):
-    full = run(tmp_path, "full", 1, STEPS)
+def test_resume_is_exact(tmp_path, one_process_curve):
+    full = one_process_curve(STEPS)
     resumed = _interrupted(tmp_path, "r", 1, {}, 1, {}, {})
     assert [r["step"] for r in resumed] == [3, 4]
     assert_same_curve(full[2:], resumed, tol=1e-6)
 
 
-def test_checkpoint_reshards_dp2_to_pp2(tmp_path):
-    full = run(tmp_path, "full", 1, STEPS)
+def test_checkpoint_reshards_dp2_to_pp2(tmp_path, one_process_curve):
+    full = one_process_curve(STEPS)
     resumed = _interrupted(tmp_path, "dp2pp2", 2, {}, 2, {"parallel.pp": 2}, {})
     assert_same_curve(full[2:], resumed, tol=1e-5)
 

@@ -27,12 +27,11 @@ MOE_LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def baselines(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("baseline")
+def baselines(one_process_curve):
     return {
-        "dense": run(tmp, "dense", 1, {}),
-        "moe": run(tmp, "moe", 1, {"model.pattern": MOE_PATTERN}),
-        "hybrid": run(tmp, "hybrid", 1, HYBRID),
+        "dense": one_process_curve({}),
+        "moe": one_process_curve({"model.pattern": MOE_PATTERN}),
+        "hybrid": one_process_curve(HYBRID),
     }
 
 

@@ -1,7 +1,7 @@
 """Sequence parallelism end to end (gloo, CPU): the tiny SpikingBrain-7B (GLA + sliding window,
 packed documents) and 76B (H/F parallel hybrids, sink tokens, MoE) shapes trained with SP2, SP4,
-SP2xDP2 and SP2xPP2 (76B: SP2xEP2) reproduce one process over 3 steps (the 7B under SP2 runs
-in the chunked-loss test below); a checkpoint taken under
+SP2xDP2 and SP2xPP2 (76B: SP2xEP2) reproduce one process over 3 steps (7B SP2xDP2 and 76B SP4
+with the chunked loss); a checkpoint taken under
 SP2 resumes exactly; a staged 16 -> 32 -> 64 token schedule changes seq length and SP size per
 stage from one YAML, each stage starting from the previous stage's weights.
 
@@ -21,19 +21,20 @@ from tests.parallel.test_layouts import HYBRID
 SHAPES = {"7b": HYBRID, "76b": SHAPE_76B}
 LAYOUTS = {
     ("7b", "sp4"): (4, {"parallel.sp": 4}),
-    ("7b", "sp2_dp2"): (4, {"parallel.sp": 2}),
+    # with the chunked loss (5 tokens per chunk: chunks that do not divide the 8-token
+    # slices), which must train Megatron's output layer + cross-entropy curve
+    ("7b", "sp2_dp2"): (4, {"parallel.sp": 2, "train.loss_chunk_tokens": 5}),
     ("7b", "sp2_pp2"): (4, {"parallel.sp": 2, "parallel.pp": 2}),
     ("76b", "sp2_ep2"): (2, {"parallel.sp": 2, "parallel.ep": 2}),
-    ("76b", "sp4"): (4, {"parallel.sp": 4}),
+    ("76b", "sp4"): (4, {"parallel.sp": 4, "train.loss_chunk_tokens": 5}),
     ("76b", "sp2_dp2"): (4, {"parallel.sp": 2}),
     ("76b", "sp2_pp2"): (4, {"parallel.sp": 2, "parallel.pp": 2}),
 }
 
 
 @pytest.fixture(scope="module")
-def baselines(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sp_baselines")
-    return {shape: run(tmp, shape, 1, overrides) for shape, overrides in SHAPES.items()}
+def baselines(one_process_curve):
+    return {shape: one_process_curve(overrides) for shape, overrides in SHAPES.items()}
 
 
 @pytest.mark.parametrize("shape,layout", sorted(LAYOUTS), ids=["-".join(k) for k in sorted(LAYOUTS)])
@@ -87,11 +88,3 @@ def test_staged_long_context_schedule(tmp_path):
 def _sets(overrides: dict) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
 
-
-@pytest.mark.parametrize("shape,nproc,extra", [("7b", 2, {"parallel.sp": 2}), ("76b", 1, {})],
-                         ids=["7b-sp2", "76b"])
-def test_chunked_loss_matches_megatron_loss(shape, nproc, extra, baselines, tmp_path):
-    """train.loss_chunk_tokens (5: chunks that do not divide the 16 or 8 tokens) trains the
-    same curve as Megatron's output layer + cross-entropy."""
-    got = run(tmp_path, "chunked", nproc, {**SHAPES[shape], **extra, "train.loss_chunk_tokens": 5})
-    assert_same_curve(baselines[shape], got)
