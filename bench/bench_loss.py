@@ -31,6 +31,7 @@ from torch import Tensor
 # run from a checkout without installing sbtrain: `python3 bench/bench_loss.py` puts bench/ first
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import time_ms  # noqa: E402
 from ops.loss import linear_cross_entropy, reference_linear_cross_entropy  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -49,20 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     return p.parse_args(argv)
-
-
-def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    """Mean milliseconds per call, CUDA events around ``iters`` back-to-back calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def make_inputs(T: int, h: int, V: int, dtype: torch.dtype) -> dict[str, Tensor]:

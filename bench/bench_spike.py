@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,20 +32,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    """Mean milliseconds per call, CUDA events around ``iters`` back-to-back calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -55,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # run from a checkout without installing sbtrain
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.timing import time_ms
     from ops.spike.fused import fused_spike_forward
     from ops.spike.naive import naive_spike_forward
 
