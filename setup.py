@@ -8,7 +8,8 @@ setup(
     description=__doc__,
     python_requires=">=3.10",
     packages=find_packages(include=["sbtrain*", "parallel*", "ops*", "maca_compat*"]),
-    package_data={"sbtrain": ["data/assets/*"]},
+    # ops/gla/tuned: fla autotune results seeded into Triton's cache (ops/gla/tuning.py)
+    package_data={"sbtrain": ["data/assets/*"], "ops": ["gla/tuned/*/*.json", "gla/tuned/*/*/*.json"]},
     install_requires=[
         "torch>=2.6",
         # megatron-core 0.19.2 declares Requires-Python>=3.12 but its cp311 wheel works on 3.11:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ops.backends import Backend, Check, OpRegistry, triton_available
 from ops.gla.reference import gla_input_problem
+from ops.gla.tuning import seed_autotune_cache
 
 BACKEND_NAME = "fla_chunk"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,6 +52,8 @@ def fla_available() -> Check:
     """Whether fla's chunked GLA can run in this process (imports fla only when a GPU is visible)."""
     if not torch.cuda.is_available():
         return False, "no CUDA/MACA GPU visible"
+    # the stored autotune results must be in Triton's cache before fla's kernels first run
+    seed_autotune_cache()
     try:
         from fla.ops.gla import chunk_gla
     # a broken install can raise more than ImportError (e.g. triton/driver mismatches)
