@@ -13,6 +13,12 @@ Environment switches (read per call, so tests can flip them with monkeypatch):
 
 Backend kinds: ``triton`` (our kernels), ``vendor`` (fla-core, MetaX libraries) and
 ``torch`` (the reference).
+
+Platforms: a backend that names ``platforms`` runs on a GPU platform only if the process's
+vendor (``maca_compat.platform.get_platform().vendor``, ``SB_PLATFORM`` overrides it) is one of
+them; on platform ``cpu`` its verifier's device check decides.
+A library kernel MetaX lacks is marked ``platforms=("cuda",)``, so ``SB_PLATFORM=maca`` on an
+NVIDIA GPU runs exactly the Triton and torch paths a MetaX GPU would.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
+
+from maca_compat.platform import get_platform
 
 logger = logging.getLogger("sbtrain.ops")
 
@@ -55,6 +63,7 @@ class Backend:
         available: ``() -> (ok, reason)``; evaluated once and cached. None: always available.
         verifier: ``(*args, **kwargs) -> (ok, reason)`` rejecting calls this backend
             cannot serve. None: accepts every call.
+        platforms: GPU platform vendors (``cuda``, ``maca``) this backend runs on; None: all.
 
     Subclasses may override :meth:`is_available` and :meth:`verify` instead.
     """
@@ -65,6 +74,7 @@ class Backend:
     priority: int | None = None
     available: Callable[[], Check] | None = None
     verifier: Callable[..., Check] | None = None
+    platforms: tuple[str, ...] | None = None
     _availability: Check | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -76,8 +86,20 @@ class Backend:
     def is_available(self) -> Check:
         """Whether this backend can run in this process, with the reason if not (cached)."""
         if self._availability is None:
-            self._availability = (True, "available") if self.available is None else self.available()
+            self._availability = self._platform_check()
+            if self._availability[0] and self.available is not None:
+                self._availability = self.available()
         return self._availability
+
+    def _platform_check(self) -> Check:
+        if self.platforms is None:
+            return True, "available"
+        vendor = get_platform().vendor
+        # on platform cpu (the test suite's setting, also when it drives a GPU) the verifiers'
+        # device checks decide
+        if vendor != "cpu" and vendor not in self.platforms:
+            return False, f"runs on {'/'.join(self.platforms)}, not on platform {vendor}"
+        return True, "available"
 
     def verify(self, *args: Any, **kwargs: Any) -> Check:
         """Whether this backend accepts this particular call."""

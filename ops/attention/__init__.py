@@ -71,8 +71,11 @@ def softmax_attention(
     return reference_attention(q, k, v, window, segment_ids, scale)
 
 
+# torch's flash SDPA kernel is a CUDA library kernel (not verified on MetaX's mcPyTorch): on
+# platform maca the Triton flex backend serves these calls.
 softmax_attention.registry.register(  # type: ignore[attr-defined]
-    Backend(name="sdpa_causal", fn=sdpa_causal_attention, kind="vendor", verifier=verify_sdpa_causal)
+    Backend(name="sdpa_causal", fn=sdpa_causal_attention, kind="vendor", verifier=verify_sdpa_causal,
+            platforms=("cuda",))
 )
 softmax_attention.registry.register(  # type: ignore[attr-defined]
     Backend(name="flex", fn=flex_softmax_attention, kind="triton", available=flex_available, verifier=verify_flex)

@@ -188,3 +188,32 @@ def test_import_has_no_side_effects():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"env_changed": False, "triton": False, "megatron": []}
+
+
+@pytest.mark.parametrize("vendor, expected", [("cuda", "cuda_lib"), ("maca", "triton_k"), ("cpu", "cuda_lib")])
+def test_platform_restricted_backend_is_skipped_on_other_platforms(monkeypatch: pytest.MonkeyPatch,
+                                                                     vendor: str, expected: str):
+    """SB_PLATFORM=maca on an NVIDIA GPU must run only what MetaX runs (issue 14's --platform maca)."""
+    from maca_compat.platform import reset_platform_cache
+
+    monkeypatch.setenv("SB_PLATFORM", vendor)
+    reset_platform_cache()
+    try:
+        reg = make_registry(Backend("cuda_lib", tag("cuda_lib"), kind="vendor", platforms=("cuda",)),
+                            Backend("triton_k", tag("triton_k"), kind="triton"))
+        assert reg.select().name == expected
+        if vendor == "maca":
+            assert reg.backends[0].is_available() == (False, "runs on cuda, not on platform maca")
+    finally:
+        monkeypatch.delenv("SB_PLATFORM")
+        reset_platform_cache()
+
+
+def test_cuda_only_library_backends_name_their_platform():
+    """torch's flash SDPA is the CUDA-only library kernel among the registered backends."""
+    import ops.attention  # noqa: F401  (registers the attention backends)
+    import ops.gla  # noqa: F401
+
+    marked = {(op, b.name): b.platforms for op, reg in registries().items() for b in reg.backends
+              if b.platforms is not None}
+    assert marked == {("softmax_attention", "sdpa_causal"): ("cuda",)}
