@@ -52,7 +52,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(backend: str, device_type: str, timeout_s: int = 600) -> tuple[int, int, int]:
+def init_process_group(backend: str, device_type: str, timeout_s: float = 600) -> tuple[int, int, int]:
     """Join (or create, for a plain ``python`` launch) the default process group.
 
     Returns (rank, world_size, local_rank). Under torchrun the env:// variables are used.
@@ -71,8 +71,10 @@ def init_process_group(backend: str, device_type: str, timeout_s: int = 600) -> 
     return rank, world, local_rank
 
 
-def init_parallel_groups(tp: int, pp: int, sp: int, ep: int, local_rank: int) -> ParallelGroups:
-    """Build Megatron's model-parallel groups for (tp, pp, cp=sp, ep) and collect them."""
+def init_parallel_groups(tp: int, pp: int, sp: int, ep: int, local_rank: int,
+                         timeout_minutes: float = 10.0) -> ParallelGroups:
+    """Build Megatron's model-parallel groups for (tp, pp, cp=sp, ep) and collect them;
+    their collectives time out after ``timeout_minutes`` (``parallel.timeout_minutes``)."""
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -81,6 +83,7 @@ def init_parallel_groups(tp: int, pp: int, sp: int, ep: int, local_rank: int) ->
         pipeline_model_parallel_size=pp,
         context_parallel_size=sp,
         expert_model_parallel_size=ep,
+        distributed_timeout_minutes=timeout_minutes,
     )
     pgc = ProcessGroupCollection.use_mpu_process_groups()
     return ParallelGroups(pg_collection=pgc, world_size=dist.get_world_size(),

@@ -7,6 +7,8 @@ import os
 import sys
 
 from sbtrain.config import ConfigError, load_config, stage_names
+from sbtrain.safety import (EXIT_CONFIG, EXIT_DIVERGED, EXIT_ERROR, RunDirectoryLocked,
+                            TrainingDiverged)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +18,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", default=None,
                         help="run this stage of the config's stages list (see docs/training.md); "
                         "'all' runs every stage in order in this launch")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the full traceback of errors whose cause is known")
 
 
 ALL_STAGES = "all"
@@ -38,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         configs = [load_config(args.config, args.overrides, stage=name) for name in run]
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     from parallel.groups import destroy_parallel_groups
 
     try:
         for name, cfg in zip(run, configs):
             if len(run) > 1 and int(os.environ.get("RANK", "0")) == 0:
                 print(f"== stage {name} of {args.config}", flush=True)
-            code = _train(cfg, args.config)
+            code = _train(cfg, args.config, args.verbose)
             if code:
                 return code
             # the next stage builds its own model-parallel groups on the same ranks
@@ -55,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _train(cfg, source: str) -> int:
+# Errors every rank raises alike (reported once) and the exit code of each.
+AGREED_ERRORS = {TrainingDiverged: EXIT_DIVERGED, RunDirectoryLocked: EXIT_ERROR}
+
+
+def _train(cfg, source: str, verbose: bool = False) -> int:
     from sbtrain.trainer import Trainer
 
     trainer = Trainer(cfg, source=source)
@@ -64,7 +72,13 @@ def _train(cfg, source: str) -> int:
         trainer.train()
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except (TrainingDiverged, RunDirectoryLocked) as exc:
+        if verbose:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return AGREED_ERRORS[type(exc)]
     return 0
 
 

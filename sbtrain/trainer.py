@@ -15,7 +15,9 @@ import torch.distributed as dist
 
 from sbtrain.config import RunConfig, dump_config
 from sbtrain.model.segments import segment_ids_from_tokens
+from sbtrain.safety import RunLock, StepGuard, StopRequest, TrainingDiverged, Verdict
 from sbtrain.trainer_setup import TrainState, build_train_state
+from sbtrain.watchdog import Watchdog
 
 logger = logging.getLogger("sbtrain.train")
 
@@ -58,9 +60,22 @@ class Trainer:
         self.state: TrainState | None = None
         self.eod: int | None = None
         """EOD id that separates packed documents, when ``data.document_mask`` is on."""
+        self.guard: StepGuard | None = None
+        self.lock = RunLock([cfg.train.run_dir, cfg.checkpoint.save_dir])
+        self._local_loss = 0.0
+        """This rank's share of the last step's loss, before any reduction (the guard's input)."""
 
     def setup(self) -> TrainState:
+        from megatron.core.utils import get_model_config
+
         self.state = build_train_state(self.cfg, self.source)
+        self.lock.acquire(self.state.device)
+        t = self.cfg.train
+        self.guard = StepGuard(t.max_skipped_steps, t.loss_spike_factor, self.state.model,
+                               self.state.device)
+        tconfig = get_model_config(self.state.model)
+        tconfig.finalize_model_grads_func = self.guard.wrap_finalize(
+            tconfig.finalize_model_grads_func)
         if self.cfg.data.document_mask:
             from sbtrain.data.datasets import document_eod
 
@@ -113,6 +128,7 @@ class Trainer:
             local[0] = sum(float(x["lm loss"]) for x in losses)
             # sequence-parallel ranks hold shares of the same micro-batches' losses
             local[1] = len(losses) if pgc.cp.rank() == 0 else 0
+        self._local_loss = float(local[0])
         # Only the last stage has losses: summing over pp broadcasts them; then over the
         # sequence-parallel shares and dp.
         for group in (pgc.pp, pgc.cp, pgc.dp):
@@ -121,7 +137,9 @@ class Trainer:
             local = buf.cpu()
         return float(local[0] / local[1])
 
-    def train_step(self, step: int) -> dict:
+    def train_step(self, step: int, stop: StopRequest | None = None) -> tuple[dict, Verdict]:
+        """One step; its update is applied only when every rank agrees that it is sane
+        (``sbtrain.safety.StepGuard``), otherwise weights, optimizer and LR schedule stay."""
         s = self.state
         s.model.zero_grad_buffer()
         s.optimizer.zero_grad()
@@ -129,13 +147,25 @@ class Trainer:
         with s.tracker.section("forward_backward"), spikes as recorder:
             loss = self._run_schedule(step, "train", forward_only=False)
         with s.tracker.section("optimizer"):
-            _, grad_norm, _ = s.optimizer.step()
-            s.scheduler.step(increment=1)
+            verdict = self.guard.check(step, loss, self._local_loss, stop or StopRequest([], 0))
+            if verdict.skip_reason:
+                grad_norm = self._skipped_grad_norm()
+            else:
+                _, grad_norm, _ = s.optimizer.step()
+                s.scheduler.step(increment=1)
         record = {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                   "lr": s.optimizer.param_groups[0]["lr"]}
+        if verdict.skip_reason:
+            record.update(skipped=verdict.skip_reason, skipped_total=self.guard.total)
         if recorder is not None:
             record.update(self._spike_stats(recorder))
-        return record
+        return record, verdict
+
+    def _skipped_grad_norm(self) -> float:
+        """The grad norm of a step that is not applied, for its log line (all ranks agree to
+        skip, so all take part in the norm's reductions)."""
+        self.state.optimizer.prepare_grads()
+        return float(self.state.optimizer.get_grad_norm())
 
     def _spike_recording(self, step: int):
         """Record firing on logged steps when spiking is on (an extra counting pass)."""
@@ -167,29 +197,74 @@ class Trainer:
         return total / self.cfg.train.eval_iters
 
     def train(self) -> list[dict]:
-        """Train from the resumed step to ``train.train_iters``; returns the per-step records."""
+        """Train from the resumed step to ``train.train_iters``; returns the per-step records.
+
+        Stops early, after saving, on ``train.exit_signals``, ``train.exit_duration_minutes``
+        or ``train.exit_at_step``; raises TrainingDiverged (nothing saved) after
+        ``train.max_skipped_steps`` consecutive skipped steps."""
         s = self.state or self.setup()
+        t = self.cfg.train
+        stop = StopRequest(t.exit_signals, t.exit_duration_minutes)
+        watchdog = Watchdog(t.hang_timeout_minutes, s.groups.rank, dist.get_backend())
+        stop.install()
+        watchdog.start()
+        try:
+            records = self._loop(stop, watchdog)
+        finally:
+            watchdog.stop()
+            stop.uninstall()
+            self.lock.release()
+        self._write_summary()
+        return records
+
+    def _loop(self, stop: StopRequest, watchdog: Watchdog) -> list[dict]:
+        s = self.state
         t, ck = self.cfg.train, self.cfg.checkpoint
         records = []
         tokens_per_step = t.global_batch_size * t.seq_length
         for step in range(s.start_step, t.train_iters):
             s.tracker.start_step()
-            record = self.train_step(step)
+            record, verdict = self.train_step(step, stop)
             stats = s.tracker.end_step(tokens_per_step)
             record.update(step=step + 1, **_stats_fields(stats))
+            if step == s.start_step and step > 0:
+                record["resumed_from"] = step  # metrics.jsonl: the steps after are re-runs
             if t.eval_interval and (step + 1) % t.eval_interval == 0:
                 record["eval_loss"] = self.evaluate(step)
             records.append(record)
             self._log(record, stats)
+            self._report_skip(record)
+            watchdog.beat()
             if ck.save_dir and ck.save_interval and (step + 1) % ck.save_interval == 0:
                 self.save(step + 1)
+                watchdog.beat()
+            if verdict.stop_reason:
+                self._say(f"stopping after step {step + 1}: {verdict.stop_reason}")
+                break
             if t.exit_at_step and step + 1 >= t.exit_at_step:
                 break
         last = records[-1]["step"] if records else s.start_step
         if ck.save_dir and records and (not ck.save_interval or last % ck.save_interval):
             self.save(last)
-        self._write_summary()
         return records
+
+    def _report_skip(self, record: dict) -> None:
+        """One line per skipped step; after too many in a row, stop without saving."""
+        if "skipped" not in record:
+            return
+        g = self.guard
+        self._say(f"step {record['step']}: update skipped ({record['skipped']}; grad norm "
+                  f"{record['grad_norm']:.6g}); {g.consecutive} in a row, "
+                  f"train.max_skipped_steps = {g.max_skipped}")
+        if g.diverged:
+            raise TrainingDiverged(
+                f"{g.consecutive} consecutive steps skipped up to step {record['step']} "
+                f"(last: {record['skipped']}); stopping without saving, the last good "
+                f"checkpoint is kept (lower optim.lr, or raise train.max_skipped_steps)")
+
+    def _say(self, line: str) -> None:
+        if self.state.is_logging_rank:
+            print(line, flush=True)
 
     def save(self, step: int) -> None:
         from sbtrain.checkpoint import save_checkpoint

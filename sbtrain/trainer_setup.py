@@ -48,10 +48,11 @@ def build_train_state(cfg: RunConfig, source: str = "") -> TrainState:
 
     platform = get_platform()
     setup_platform(platform)
-    _, world, local_rank = init_process_group(platform.comm_backend, platform.device_type)
-    validate(cfg, world, source)
     p = cfg.parallel
-    groups = init_parallel_groups(p.tp, p.pp, p.sp, p.ep, local_rank)
+    _, world, local_rank = init_process_group(platform.comm_backend, platform.device_type,
+                                              timeout_s=60 * p.timeout_minutes)
+    validate(cfg, world, source)
+    groups = init_parallel_groups(p.tp, p.pp, p.sp, p.ep, local_rank, p.timeout_minutes)
     device = platform.device(local_rank)
     seed_all(cfg.train.seed)
     dtype = resolve_dtype(cfg.train.precision, platform)

@@ -7,6 +7,7 @@ Every section validates itself in ``__post_init__``; rules that span sections li
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 
 from sbtrain.config.errors import ConfigError
@@ -21,6 +22,7 @@ MIXER_SYMBOLS = {
 }
 FFN_SYMBOLS = {"-": "dense SwiGLU MLP", "E": "mixture of experts"}
 PIPE_SYMBOL = "|"
+CATCHABLE_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
 
 
 def parse_pattern(pattern: str) -> list[tuple[str, str]]:
@@ -176,6 +178,9 @@ class ParallelConfig:
     """Sequence (context) parallel size: Megatron's context_parallel_size."""
     sequence_parallel: bool = False
     """Megatron's TP sequence parallelism (shard activations over TP); needed for MoE with TP."""
+    timeout_minutes: float = 10.0
+    """Process-group (collective) timeout; a collective waiting longer fails the run. The
+    watchdog (train.hang_timeout_minutes) usually reports a hang before this."""
 
     def __post_init__(self) -> None:
         for name in ("pp", "tp", "ep", "sp"):
@@ -183,6 +188,8 @@ class ParallelConfig:
                 raise ConfigError(f"must be >= 1, got {getattr(self, name)}", key=f"parallel.{name}")
         if self.dp < 0:
             raise ConfigError("must be >= 0 (0 = infer from world size)", key="parallel.dp")
+        if not self.timeout_minutes > 0:
+            raise ConfigError("must be > 0", key="parallel.timeout_minutes")
 
     def resolved_dp(self, world_size: int) -> int:
         return self.dp or world_size // (self.pp * self.tp * self.sp)
@@ -215,6 +222,20 @@ class TrainConfig:
     (what makes 64K-128K tokens per rank fit; tp 1 only)."""
     run_dir: str = "runs/default"
     """Where metrics.jsonl, the resolved config and the profile summary go."""
+    max_skipped_steps: int = 5
+    """A step whose loss or gradients are non-finite on any rank (or a loss spike) is skipped
+    on every rank; this many consecutive skips stop the run (exit 3, nothing saved)."""
+    loss_spike_factor: float = 0.0
+    """Skip a step whose loss exceeds this factor times the running median of the last 100
+    accepted losses (after 10 steps); 0 disables, else > 1."""
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals after which every rank finishes the current step, saves and exits 0."""
+    exit_duration_minutes: float = 0.0
+    """Wall-clock limit: finish the step, save and exit 0 once this long has passed since the
+    loop started; 0 disables."""
+    hang_timeout_minutes: float = 30.0
+    """Watchdog: with no step (or eval, or save) finished for this long, print every rank's
+    Python stacks and exit 4 (torchrun can relaunch); 0 disables."""
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -224,6 +245,21 @@ class TrainConfig:
                 raise ConfigError("must be >= 1", key=f"train.{name}")
         if self.loss_chunk_tokens < 0:
             raise ConfigError("must be >= 0 (0: unchunked)", key="train.loss_chunk_tokens")
+        self._check_safety()
+
+    def _check_safety(self) -> None:
+        if self.max_skipped_steps < 1:
+            raise ConfigError("must be >= 1", key="train.max_skipped_steps")
+        if self.loss_spike_factor != 0 and not self.loss_spike_factor > 1:
+            raise ConfigError("must be 0 (off) or > 1", key="train.loss_spike_factor")
+        for name in ("exit_duration_minutes", "hang_timeout_minutes"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError("must be >= 0 (0 disables)", key=f"train.{name}")
+        for name in self.exit_signals:
+            if name not in CATCHABLE_SIGNALS:
+                raise ConfigError(f"unknown or uncatchable signal {name!r}; e.g. SIGTERM, "
+                                  "SIGUSR1, SIGUSR2, SIGINT", key="train.exit_signals")
+
 
 
 @dataclass

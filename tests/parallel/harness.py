@@ -40,15 +40,27 @@ def write_config(tmp: Path, name: str, overrides: dict) -> Path:
     return path
 
 
+def launch_env(env: dict | None = None) -> dict:
+    """The environment of a CPU/gloo launch: no compilation, one thread, the repo importable."""
+    return {**os.environ, "TORCH_COMPILE_DISABLE": "1", "SB_PLATFORM": "cpu",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            **(env or {})}
+
+
+def torchrun_cmd(nproc: int, entry: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}"] + entry
+
+
 def launch(config: Path, nproc: int, extra: list[str] | None = None, timeout: int = 300,
-           check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=nproc -m sbtrain.train config``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "sbtrain.train", str(config)] + (extra or [])
-    env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "SB_PLATFORM": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+           check: bool = True, env: dict | None = None,
+           entry: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=nproc -m sbtrain.train config`` (or ``entry``
+    instead of ``-m sbtrain.train``)."""
+    cmd = torchrun_cmd(nproc, (entry or ["-m", "sbtrain.train"]) + [str(config)] + (extra or []))
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(env), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
                              f"\n{proc.stderr[-6000:]}")
