@@ -27,11 +27,26 @@ def _local_layer(model: ModelConfig, ffn: str):
     """Megatron's local (non-TE) layer spec: RMSNorm, SelfAttention, MLP or MoE."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(
+    return _with_grouped_experts(get_gpt_layer_local_spec(
         num_experts=model.moe.num_experts if ffn == "E" else None,
         moe_grouped_gemm=False,
         normalization="RMSNorm",
-    )
+    ))
+
+
+def _with_grouped_experts(layer):
+    """``layer`` with an MoE's routed experts built as ``GroupedExperts`` (one grouped GEMM
+    per projection, SequentialMLP's parameters and checkpoint keys); other layers unchanged."""
+    from sbtrain.model.experts import GroupedExperts
+
+    mlp = layer.submodules.mlp
+    moe = mlp.keywords.get("submodules") if isinstance(mlp, functools.partial) else None
+    if moe is None or not hasattr(moe, "experts"):
+        return layer
+    experts = functools.partial(GroupedExperts, *moe.experts.args, **moe.experts.keywords)
+    mlp = functools.partial(mlp.func, *mlp.args,
+                            **{**mlp.keywords, "submodules": dataclasses.replace(moe, experts=experts)})
+    return dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, mlp=mlp))
 
 
 def _with_mixer(layer, mixer_spec):
