@@ -226,7 +226,9 @@ def initial_state_output(q: Tensor, log_decay: Tensor, state: Tensor, scale: flo
     groups = state.shape[1]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     log_decay = log_decay.to(dtype)
-    decay = log_decay.cumsum(1)
+    # scan along the innermost dimension: CUDA's outer-dimension scan over [b, s, Hkv, K] is
+    # ~20x slower (1.2 ms per call at 8K tokens on an H200, 10% of a 76B-slice step)
+    decay = log_decay.transpose(1, -1).contiguous().cumsum(-1).transpose(1, -1)
     if segment_ids is not None:
         # subtract the cumulative decay before each token's document start
         positions = torch.arange(seq, device=q.device).expand(batch, seq)
@@ -236,5 +238,8 @@ def initial_state_output(q: Tensor, log_decay: Tensor, state: Tensor, scale: flo
         index = first[:, :, None, None].expand_as(decay)
         decay = decay - (decay.gather(1, index) - log_decay.gather(1, index))
     decayed = q.to(dtype).view(batch, seq, groups, heads // groups, dim) * decay.exp()[:, :, :, None]
-    out = torch.einsum("bsgjk,bgkv->bsgjv", decayed, state.to(dtype)) * scale
-    return out.reshape(batch, seq, heads, -1)
+    # low-precision q: the product runs on tensor cores in q's dtype (fp32 accumulation); the
+    # caller adds the term to a q-dtype output, so only that output's rounding is kept
+    mm_dtype = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else dtype
+    out = torch.einsum("bsgjk,bgkv->bsgjv", decayed.to(mm_dtype), state.to(mm_dtype))
+    return (out.to(dtype) * scale).reshape(batch, seq, heads, -1)
