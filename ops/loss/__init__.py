@@ -12,6 +12,19 @@ GEMM, then fp32 for the softmax, as Megatron does), and backward recomputes them
 them. What is saved for backward is the inputs plus one fp32 logsumexp per token. The price is the
 forward GEMM done twice (4 GEMM-equivalents instead of 3).
 
+Backends (``ops.backends`` registry, op ``linear_cross_entropy``; ``SB_OP_BACKEND_LINEAR_CROSS_ENTROPY``
+forces one):
+
+- ``triton`` (``ops.loss.fused`` + ``ops.loss.kernels``, GPUs: CUDA and MetaX): the logits stay in
+  the inputs' dtype; fp32 logsumexp/loss in one kernel, the gradient written over the logits in
+  place by another. One chunk's bf16 logits are the only ``[chunk, V]`` tensor.
+- ``torch_chunked`` (``ops.loss.chunked``, the reference backend, every device): the same steps in
+  plain torch, with an fp32 copy of each chunk's logits.
+
+Both sum the weight gradient over chunks in fp32 (``chunked.WeightGradSum``: ``mm(out_dtype=fp32)``
+on CUDA, fp32 GEMMs of upcast operands elsewhere), so the result does not depend on the chunk size.
+``reference_linear_cross_entropy`` (whole logits, Megatron's unfused math) is the spec in tests.
+
 Math
 ----
 Per token ``i`` with logits ``z_i = W h_i`` (``W`` is ``[V, h]``), ``lse_i = log sum_v exp(z_iv)``
@@ -21,9 +34,10 @@ and ``loss_i = lse_i - z_i[y_i]``. Given the upstream gradient ``g_i = dL/dloss_
     dL/dh_i = (dL/dz_i) @ W                          [h]
     dL/dW   = sum_i (dL/dz_i)^T h_i                  [V, h]
 
-Backward rebuilds ``z`` chunk by chunk, turns it into ``dL/dz`` in place (fp32, cast to the input
-dtype for the GEMMs, as the unfused autograd does), writes that chunk's rows of ``dL/dh`` and adds
-its share of ``dL/dW`` into an fp32 accumulator cast to the weight's dtype at the end. A gradient
+Backward rebuilds ``z`` chunk by chunk, turns it into ``dL/dz`` (computed in fp32, rounded to the
+input dtype for the GEMMs, as the unfused autograd does), writes that chunk's rows of ``dL/dh`` and
+adds its share of ``dL/dW``, a product with an fp32 result, into an fp32 sum cast to the weight's
+dtype at the end. A gradient
 the caller does not need (``needs_input_grad``) is not computed: no ``dL/dW`` GEMMs for a frozen
 output layer, no ``dL/dh`` GEMMs for a detached hidden state.
 
@@ -36,39 +50,78 @@ rows; the losses are transposed back at the end.
 
 Limits: the weight is the *whole* vocabulary (tensor-parallel vocab shards need Megatron's
 vocab-parallel cross-entropy, with its all-reduces of max, sum and target logit); labels must lie in
-``[0, V)`` (unchecked, which would sync: an index error on CPU, a device assert on GPU; note that
-the reference, through ``F.cross_entropy``, gives 0 for the label -100); no double backward.
+``[0, V)`` or be ``IGNORE_INDEX`` (-100: loss 0, no gradient, as ``F.cross_entropy``); other values
+are unchecked (checking would sync: an index error on CPU, undefined reads on GPU); no double
+backward.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from ops.loss.chunked import ChunkedLinearCrossEntropy
+from ops.backends import Backend, Check, dispatch, get_registry, triton_available
+from ops.loss.chunked import IGNORE_INDEX, ChunkedLinearCrossEntropy
 from ops.loss.reference import check_inputs, reference_linear_cross_entropy
 
-__all__ = ["linear_cross_entropy", "reference_linear_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "linear_cross_entropy", "reference_linear_cross_entropy"]
+
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> Tensor:
-    """Per-token cross-entropy of ``hidden @ weight.T`` against ``labels``, ``chunk_tokens`` logits rows at a time.
-
-    Args:
-        hidden: last hidden states ``[s, b, h]`` (sequence first).
-        weight: output-layer weight ``[V, h]`` (the full vocabulary), same dtype as ``hidden``.
-        labels: int64 targets ``[b, s]`` (batch first) in ``[0, V)``.
-        chunk_tokens: tokens per chunk (>= 1); the transient memory is about
-            ``chunk_tokens * V * (4 + 2 * itemsize)`` bytes (fp32 logits and their input-dtype twin).
-
-    Returns:
-        fp32 losses ``[b, s]`` (contiguous), equal to :func:`reference_linear_cross_entropy` up to
-        rounding; differentiable w.r.t. ``hidden`` and ``weight``.
-    """
+def _run(function: type, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int) -> Tensor:
+    """Check the call, map ``[s, b, h]`` / ``[b, s]`` to token-major rows, apply ``function``, map back."""
     check_inputs(hidden, weight, labels)
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be an int >= 1; got {chunk_tokens!r}")
     s, b, h = hidden.shape
     tokens_h = hidden.reshape(s * b, h).contiguous()
     tokens_y = labels.t().reshape(s * b)
-    loss = ChunkedLinearCrossEntropy.apply(tokens_h, weight, tokens_y, chunk_tokens)
+    loss = function.apply(tokens_h, weight, tokens_y, chunk_tokens)
     return loss.view(s, b).t().contiguous()
+
+
+@dispatch("linear_cross_entropy", reference_name="torch_chunked")
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> Tensor:
+    """Per-token cross-entropy of ``hidden @ weight.T`` against ``labels``, ``chunk_tokens`` logits rows at a time.
+
+    Args:
+        hidden: last hidden states ``[s, b, h]`` (sequence first).
+        weight: output-layer weight ``[V, h]`` (the full vocabulary), same dtype as ``hidden``.
+        labels: int64 targets ``[b, s]`` (batch first) in ``[0, V)``, or ``IGNORE_INDEX``.
+        chunk_tokens: tokens per chunk (>= 1); the transient memory is about
+            ``chunk_tokens * V * (4 + 2 * itemsize)`` bytes on this torch backend (fp32 logits and
+            their input-dtype twin), ``chunk_tokens * V * itemsize`` on the Triton backend.
+
+    Returns:
+        fp32 losses ``[b, s]`` (contiguous), equal to :func:`reference_linear_cross_entropy` up to
+        rounding; differentiable w.r.t. ``hidden`` and ``weight``.
+    """
+    return _run(ChunkedLinearCrossEntropy, hidden, weight, labels, chunk_tokens)
+
+
+def _triton_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> Tensor:
+    # deferred: ops.loss.fused imports triton, which CPU-only installs may lack
+    from ops.loss.fused import FusedLinearCrossEntropy
+
+    return _run(FusedLinearCrossEntropy, hidden, weight, labels, chunk_tokens)
+
+
+def _triton_verifier(hidden: Tensor, weight: Tensor, *args, **kwargs) -> Check:
+    """GPU tensors of one 16/32-bit float dtype; anything else goes to the torch backend (which raises on bad calls)."""
+    for t in (hidden, weight):
+        if t.device.type != "cuda":
+            return False, f"input device {t.device.type!r} is not a GPU"
+    if hidden.dtype not in TRITON_DTYPES or weight.dtype != hidden.dtype:
+        return False, f"dtypes {hidden.dtype}/{weight.dtype}: need one of {TRITON_DTYPES} for both"
+    return True, "accepted"
+
+
+def _triton_importable() -> Check:
+    # the device is checked per call by the verifier; here only whether triton can load
+    return triton_available("cuda")
+
+
+get_registry("linear_cross_entropy").register(
+    Backend(name="triton", fn=_triton_linear_cross_entropy, kind="triton", available=_triton_importable,
+            verifier=_triton_verifier))

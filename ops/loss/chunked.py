@@ -1,31 +1,101 @@
-"""Chunked output layer + cross-entropy: one chunk of tokens' logits alive at a time.
+"""Chunked output layer + cross-entropy in plain torch: one chunk of tokens' logits alive at a time.
 
 ``ChunkedLinearCrossEntropy`` works on token-major 2-D tensors (``hidden [N, h]``, ``labels [N]``);
-``ops.loss.linear_cross_entropy`` maps Megatron's ``[s, b, h]`` / ``[b, s]`` layout onto it. The
-math of the backward is in the ``ops.loss`` docstring.
+``ops.loss.linear_cross_entropy`` maps Megatron's ``[s, b, h]`` / ``[b, s]`` layout onto it and
+registers this as the op's torch backend. The math of the backward is in the ``ops.loss``
+docstring. :func:`chunk_bounds`, :func:`chunk_logits` and :class:`WeightGradSum` are shared with the
+Triton backend (``ops.loss.fused``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+IGNORE_INDEX = -100
+"""A label with this value adds 0 to the loss and nothing to the gradients (``F.cross_entropy``'s default)."""
 
-def chunk_logits(hidden_chunk: Tensor, weight: Tensor) -> Tensor:
-    """``hidden_chunk @ weight.T`` as fp32 ``[c, V]``, the product taken in the inputs' dtype.
+UPCAST_ROWS = 1024
+"""Tokens per fp32 GEMM of the weight-gradient fallback: bounds its fp32 copies to ``UPCAST_ROWS * V``."""
+
+
+def chunk_logits(hidden_chunk: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
+    """``hidden_chunk @ weight.T`` ``[c, V]`` in the inputs' dtype (into ``out`` when given).
 
     Autocast is switched off so the product has the same dtype in forward and in the backward's
     recomputation (autocast is not active during backward): the saved logsumexp must belong to
     the very logits that backward rebuilds.
     """
     with torch.autocast(hidden_chunk.device.type, enabled=False):
-        return torch.mm(hidden_chunk, weight.t()).float()
+        return torch.mm(hidden_chunk, weight.t(), out=out)
 
 
 def chunk_bounds(n_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
     """``[start, end)`` of each chunk of at most ``chunk_tokens`` tokens, in order."""
     return [(i, min(i + chunk_tokens, n_tokens)) for i in range(0, n_tokens, chunk_tokens)]
+
+
+@functools.cache
+def mm_fp32_out_supported(device_type: str) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for bf16 inputs on this device type.
+
+    It does on CUDA (cuBLAS writes the fp32 accumulator without rounding it to bf16); the CPU
+    build has no kernel for it; MetaX (device type ``cuda``) is probed like CUDA, not assumed.
+    """
+    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+    try:
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+class WeightGradSum:
+    """``sum over chunks of grad_logits.T @ hidden_chunk`` in fp32, cast to the weight's dtype once.
+
+    Each chunk's product is taken with an fp32 result: on CUDA by ``mm(out_dtype=fp32)`` (the
+    GEMM's own fp32 accumulator, never rounded to bf16); elsewhere by an fp32 GEMM of upcast
+    operands, ``UPCAST_ROWS`` tokens at a time. So the only roundings of the weight gradient to a
+    16-bit dtype are that of ``grad_logits`` (as in Megatron's unfused autograd) and the final cast:
+    the chunk count does not change the numerics.
+    """
+
+    def __init__(self, weight: Tensor) -> None:
+        self.dtype = weight.dtype
+        self.total: Tensor | None = None
+
+    def add(self, grad_logits: Tensor, hidden_chunk: Tensor) -> None:
+        """Add ``grad_logits.T @ hidden_chunk`` (``[c, V]``, ``[c, h]``, one dtype) to the sum."""
+        if grad_logits.dtype == torch.float32:
+            if self.total is None:
+                self.total = torch.mm(grad_logits.t(), hidden_chunk)
+            else:
+                self.total.addmm_(grad_logits.t(), hidden_chunk)
+        elif mm_fp32_out_supported(grad_logits.device.type):
+            self._accumulate(torch.mm(grad_logits.t(), hidden_chunk, out_dtype=torch.float32))
+        else:
+            for start, end in chunk_bounds(grad_logits.shape[0], UPCAST_ROWS):
+                g, h = grad_logits[start:end].float(), hidden_chunk[start:end].float()
+                if self.total is None:
+                    self.total = torch.mm(g.t(), h)
+                else:
+                    self.total.addmm_(g.t(), h)
+
+    def _accumulate(self, product: Tensor) -> None:
+        # the first chunk's product is the sum: no zero-filled accumulator, no extra pass (a
+        # single chunk costs nothing more); later ones are added (addmm takes no fp32 bias
+        # with bf16 operands)
+        if self.total is None:
+            self.total = product
+        else:
+            self.total.add_(product)
+
+    def result(self) -> Tensor:
+        """The sum in the weight's dtype."""
+        assert self.total is not None, "no chunk was added"
+        return self.total.to(self.dtype)
 
 
 def forward_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int) -> tuple[Tensor, Tensor]:
@@ -34,9 +104,11 @@ def forward_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens:
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     for start, end in chunk_bounds(n, chunk_tokens):
-        logits = chunk_logits(hidden[start:end], weight)
+        logits = chunk_logits(hidden[start:end], weight).float()
+        y = labels[start:end]
         lse[start:end] = torch.logsumexp(logits, dim=1)
-        loss[start:end] = lse[start:end] - logits.gather(1, labels[start:end, None]).squeeze(1)
+        target = logits.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+        loss[start:end] = torch.where(y != IGNORE_INDEX, lse[start:end] - target, 0.0)
     return loss, lse
 
 
@@ -44,35 +116,27 @@ def chunk_grad_logits(hidden_chunk: Tensor, weight: Tensor, labels_chunk: Tensor
                       grad_chunk: Tensor) -> Tensor:
     """``dL/dlogits = grad * (softmax - onehot(label))`` for one chunk, in the inputs' dtype ``[c, V]``."""
     # in place on the fp32 logits: the chunk's only fp32 [c, V] buffer
-    probs = chunk_logits(hidden_chunk, weight).sub_(lse_chunk[:, None]).exp_()
+    probs = chunk_logits(hidden_chunk, weight).float().sub_(lse_chunk[:, None]).exp_()
+    valid = labels_chunk != IGNORE_INDEX
     rows = torch.arange(probs.shape[0], device=probs.device)
-    probs[rows, labels_chunk] -= 1.0
-    probs.mul_(grad_chunk[:, None])
+    probs[rows, labels_chunk.clamp(min=0)] -= valid.float()
+    probs.mul_(torch.where(valid, grad_chunk, 0.0)[:, None])
     return probs.to(hidden_chunk.dtype)
 
 
 def backward_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
                     chunk_tokens: int, need_hidden: bool, need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of ``sum(grad_loss * loss)`` w.r.t. hidden ``[N, h]`` and weight ``[V, h]`` (None if not needed).
-
-    The weight gradient is summed over chunks in fp32 and cast to the weight's dtype once at the end.
-    """
+    """Gradients of ``sum(grad_loss * loss)`` w.r.t. hidden ``[N, h]`` and weight ``[V, h]`` (None if not needed)."""
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    grad_weight = WeightGradSum(weight) if need_weight else None
     for start, end in chunk_bounds(hidden.shape[0], chunk_tokens):
         h_chunk = hidden[start:end]
         g = chunk_grad_logits(h_chunk, weight, labels[start:end], lse[start:end], grad_loss[start:end])
         if grad_hidden is not None:
             torch.mm(g, weight, out=grad_hidden[start:end])
         if grad_weight is not None:
-            if g.dtype == torch.float32:
-                grad_weight.addmm_(g.t(), h_chunk)
-            else:
-                # the product is in the inputs' dtype (a portable GEMM); only the sum over chunks is fp32
-                grad_weight.add_(torch.mm(g.t(), h_chunk))
-    if grad_weight is not None:
-        grad_weight = grad_weight.to(weight.dtype)
-    return grad_hidden, grad_weight
+            grad_weight.add(g, h_chunk)
+    return grad_hidden, None if grad_weight is None else grad_weight.result()
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
