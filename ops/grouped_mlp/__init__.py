@@ -121,9 +121,20 @@ def _packed(weight: Weights) -> tuple[Tensor, ...]:
     return (weight,) if isinstance(weight, Tensor) else tuple(weight)
 
 
+def _on_device(tokens_per_expert: Tensor, device: torch.device) -> Tensor:
+    """The counts on ``device`` without blocking the host.
+
+    Megatron's alltoall dispatcher hands over counts it already copied to the host; a
+    pageable host-to-device copy can block, so those go through pinned memory.
+    """
+    if tokens_per_expert.device.type == "cpu" and device.type == "cuda":
+        return tokens_per_expert.pin_memory().to(device, non_blocking=True)
+    return tokens_per_expert.to(device)
+
+
 def _device_offsets(tokens_per_expert: Tensor, device: torch.device) -> Tensor:
     """Cumulative end rows as int32 on ``device`` (a device-side cumsum: no host sync)."""
-    return torch.cumsum(tokens_per_expert.to(device=device), 0).to(torch.int32)
+    return torch.cumsum(_on_device(tokens_per_expert, device), 0).to(torch.int32)
 
 
 def _grouped_mm_linear(x: Tensor, tokens_per_expert: Tensor, weight: Weights) -> Tensor:
@@ -142,7 +153,7 @@ def _triton_linear(x: Tensor, tokens_per_expert: Tensor, weight: Weights) -> Ten
     # The kernels' module imports triton; loaded on first call so CPU-only imports stay cheap.
     from ops.grouped_mlp import triton_kernels
 
-    counts = tokens_per_expert.to(device=x.device, dtype=torch.int32).contiguous()
+    counts = _on_device(tokens_per_expert, x.device).to(torch.int32).contiguous()
     return _GroupedLinearFn.apply(x.contiguous(), counts, triton_kernels.rows_grouped_mm,
                                   triton_kernels.k_grouped_mm, *_packed(weight))
 

@@ -157,7 +157,21 @@ def stage_activation_bytes(cfg: RunConfig, stage: int, act_bytes: float) -> tupl
         per_microbatch = tokens * sum(per_layer) * act_bytes
     if stage == p.pp - 1:
         once += _logits_bytes(cfg, act_bytes)
+    if any(ffn == "E" for _, ffn in stage_layers(cfg)[stage]):
+        once += grouped_experts_transient_bytes(cfg, act_bytes)
     return per_microbatch, once
+
+
+def grouped_experts_transient_bytes(cfg: RunConfig, weight_bytes: float) -> float:
+    """Peak transient of one MoE layer's grouped experts (``sbtrain.model.experts``).
+
+    The per-expert weights are stacked per call, not kept: the peak is in fc1's backward,
+    which holds the re-stacked ``[E_local, 2F_e, h]`` weight and its stacked gradient at
+    once (before Megatron's hooks move each expert's slice into its fp32 main grad).
+    """
+    model, p = cfg.model, cfg.parallel
+    local_experts = model.moe.num_experts // p.ep
+    return 2 * local_experts * 2 * expert_width(model) / p.tp * model.hidden_size * weight_bytes
 
 
 def _logits_bytes(cfg: RunConfig, act_bytes: float) -> float:
