@@ -107,7 +107,7 @@ def test_manifest_entries_outside_the_kind_dir_are_rejected(tmp_path: Path):
                      "first step will autotune (scripts/tune_fla.py makes them)"),
     ("no fla", "stored fla tuning for NVIDIA B200 (sm90) was made with fla-core 0.6.0 (installed None); "
                "first step will autotune (scripts/tune_fla.py makes them)"),
-])
+], ids=["unknown-kind", "other-triton", "no-fla"])
 def test_fallback_is_one_log_line_and_no_files(tmp_path: Path, caplog, case: str, expected: str):
     tuned_root, cache = stored(tmp_path), tmp_path / "cache"
     kind = "sm100" if case == "unknown kind" else "sm90"
