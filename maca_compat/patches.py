@@ -3,7 +3,8 @@
 Nothing here runs on import. ``apply_patches(names)`` applies entries and ``revert_patches()``
 undoes them; ``maca_compat.setup()`` picks the entries a platform needs. Every entry names
 its reason and the test in ``tests/maca_compat/test_patches.py`` that fails without it (each
-test first shows the stock failure with the entry reverted, then success with it applied).
+test first shows the stock failure with the entry reverted, then success with it applied; for
+the entries that exist for speed, the stock behaviour they replace, then equal numbers).
 No installed file is edited and no megatron-core code is copied: entries rebind names.
 """
 
@@ -23,6 +24,7 @@ from maca_compat.cpu_shims import (
     cpu_tensor_cuda_is_identity,
     cpu_tensors_report_cuda_types,
 )
+from maca_compat.fused_optim import WGRAD_ACCUM, foreach_l2_norm, foreach_scale, pinned_adam
 
 logger = logging.getLogger("sbtrain.maca_compat")
 _MC = "megatron.core."
@@ -146,6 +148,57 @@ def _cpu_rng_set(original: Any) -> Any:
     return set_state
 
 
+MISSING = object()
+"""Recorded as the original of a name an entry adds; revert_patches deletes the name again."""
+
+
+def _add_global(module_name: str, attr: str, value: Any) -> Callable[[], list]:
+    """Bind a module global that stock code references but only defines when Apex is present."""
+
+    def apply() -> list:
+        module = importlib.import_module(module_name)
+        original = getattr(module, attr, MISSING)
+        setattr(module, attr, value)
+        return [(module, attr, original)]
+
+    return apply
+
+
+class _TorchWithPinnedAdam:
+    """``torch`` as megatron.core.optimizer sees it: ``torch.optim.Adam``/``AdamW`` run one
+    implementation (see fused_optim.pinned_adam); every other name is the real torch's."""
+
+    def __init__(self, impl: str) -> None:
+        self.optim = _OptimWithPinnedAdam(impl)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+class _OptimWithPinnedAdam:
+    def __init__(self, impl: str) -> None:
+        self.Adam = pinned_adam(torch.optim.Adam, impl)
+        self.AdamW = pinned_adam(torch.optim.AdamW, impl)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.optim, name)
+
+
+def _pin_adam_impl() -> list:
+    # Without Apex/TE, megatron builds torch.optim.AdamW(...) with no fused/foreach flag, so
+    # torch runs its multi-kernel foreach path on GPUs; the platform picks the implementation.
+    from maca_compat.platform import adam_impl_for, get_platform
+
+    platform = get_platform()
+    impl = adam_impl_for(platform)
+    module = importlib.import_module(_MC + "optimizer")
+    undo = [(module, "torch", module.torch)]
+    module.torch = _TorchWithPinnedAdam(impl)
+    logger.info("optimizer: torch Adam/AdamW, %s implementation (platform %s)", impl,
+                platform.vendor)
+    return undo
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         name="rng_tracker",
@@ -265,6 +318,52 @@ PATCHES: tuple[Patch, ...] = (
                        _tolerate_missing_step),
         test="test_distopt_load_missing_step",
     ),
+    Patch(
+        name="platform_adam",
+        reason="Without Apex/TE megatron builds torch.optim.AdamW with no fused/foreach flag: "
+        "torch's multi-kernel foreach path on GPUs. The platform picks fused (CUDA), foreach "
+        "(MACA) or the per-tensor loop (CPU), kept through load_state_dict.",
+        platforms=ALL,
+        apply=_pin_adam_impl,
+        test="test_platform_adam",
+    ),
+    Patch(
+        name="foreach_grad_norm",
+        reason="megatron's local_multi_tensor_l2_norm (no Apex/TE) runs one norm kernel and "
+        "one host sync per gradient tensor; foreach_l2_norm: one foreach norm, no sync.",
+        platforms=ALL,
+        apply=_replace(_MC + "optimizer.clip_grads", "l2_norm_impl",
+                       lambda original: foreach_l2_norm),
+        test="test_foreach_grad_norm_and_scale",
+    ),
+    Patch(
+        name="foreach_multi_tensor_scale",
+        reason="megatron's local_multi_tensor_scale (no Apex/TE) scales/copies tensor lists "
+        "in a Python loop, two kernels per tensor (gradient clipping, main->model params).",
+        platforms=ALL,
+        apply=lambda: (
+            _replace(_MC + "optimizer.clip_grads", "multi_tensor_scale_impl",
+                     lambda original: foreach_scale)()
+            + _replace(_MC + "optimizer.optimizer", "multi_tensor_scale_impl",
+                       lambda original: foreach_scale)()
+        ),
+        test="test_foreach_grad_norm_and_scale",
+    ),
+    Patch(
+        name="grad_accum_fusion",
+        reason="gradient_accumulation_fusion needs Apex's fused_weight_gradient_mlp_cuda "
+        "(RuntimeError in ColumnParallelLinear.__init__ without it); fused_optim.WGRAD_ACCUM "
+        "accumulates the weight gradient GEMM straight into the fp32 main_grad in torch. "
+        "Whether a run enables it is the platform's choice (platform.grad_accum_fusion_for).",
+        platforms=ALL,
+        apply=lambda: (
+            _replace(_MC + "tensor_parallel.layers", "_grad_accum_fusion_available",
+                     lambda original: True)()
+            + _add_global(_MC + "tensor_parallel.layers", "fused_weight_gradient_mlp_cuda",
+                          WGRAD_ACCUM)()
+        ),
+        test="test_grad_accum_fusion",
+    ),
 )
 
 _applied: list[tuple[str, list[tuple[Any, str, Any]]]] = []
@@ -292,7 +391,10 @@ def revert_patches(names: list[str] | None = None) -> None:
         if names is not None and name not in names:
             continue
         for owner, attr, original in reversed(undo):
-            setattr(owner, attr, original)
+            if original is MISSING:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
         _applied.remove((name, undo))
 
 

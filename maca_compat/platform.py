@@ -8,6 +8,7 @@ module and device from :func:`get_platform` instead of hard-coding ``torch.cuda`
 Environment variables (read when :func:`get_platform` first runs, never at import):
     SB_PLATFORM: ``maca`` | ``cuda`` | ``cpu`` overrides detection.
     SB_PEAK_FLOPS: dense bf16 peak per device in FLOP/s; overrides the table below.
+    SB_ADAM_IMPL: ``fused`` | ``foreach`` | ``for_loop`` overrides :func:`adam_impl_for`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,19 @@ from typing import Literal, get_args
 import torch
 
 from maca_compat.comm import comm_backend_for
+from maca_compat.patches import applied_patches
 
 Vendor = Literal["cuda", "maca", "cpu"]
 VENDORS: tuple[str, ...] = get_args(Vendor)
 
 PLATFORM_ENV = "SB_PLATFORM"
 PEAK_FLOPS_ENV = "SB_PEAK_FLOPS"
+ADAM_IMPL_ENV = "SB_ADAM_IMPL"
+ADAM_IMPLS = ("fused", "foreach", "for_loop")
+# CUDA: torch's one-kernel fused AdamW. MACA: foreach (multi-tensor kernels that mcPyTorch
+# runs; its fused Adam is unverified). CPU: the per-tensor loop torch picks by default, so
+# results stay bit-identical to earlier runs and checkpoints.
+_ADAM_IMPL_BY_VENDOR = {"cuda": "fused", "maca": "foreach", "cpu": "for_loop"}
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peak per device, keyed by a case-insensitive
 # substring of the device name. The first match wins, so specific names precede generic.
@@ -115,6 +123,31 @@ def get_platform() -> Platform:
         peak_source=source,
         warp_size=64 if vendor == "maca" else 32,
     )
+
+
+def adam_impl_for(platform: Platform) -> str:
+    """Which torch Adam implementation the optimizer runs: SB_ADAM_IMPL, else by vendor."""
+    raw = os.environ.get(ADAM_IMPL_ENV, "").strip().lower()
+    if raw and raw not in ADAM_IMPLS:
+        raise ValueError(f"{ADAM_IMPL_ENV}={raw!r} is invalid; allowed values: {', '.join(ADAM_IMPLS)}")
+    return raw or _ADAM_IMPL_BY_VENDOR[platform.vendor]
+
+
+def grad_accum_fusion_for(platform: Platform) -> bool:
+    """Whether linear layers accumulate weight gradients straight into fp32 ``main_grad``.
+
+    Only on CUDA, where torch has a bf16 x bf16 -> fp32 GEMM (see maca_compat.fused_optim):
+    elsewhere the fused path would upcast whole activations to fp32, slower than the stock
+    bf16 gradient plus an add.
+    """
+    return platform.vendor == "cuda"
+
+
+def grad_accum_fusion_enabled(platform: Platform) -> bool:
+    """:func:`grad_accum_fusion_for` and the ``grad_accum_fusion`` shim applied (maca_compat.setup),
+    without which megatron's linear layers refuse the fusion. The fused backward reads
+    ``weight.main_grad``: models built with it train under megatron DDP only."""
+    return grad_accum_fusion_for(platform) and "grad_accum_fusion" in applied_patches()
 
 
 def reset_platform_cache() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from maca_compat.platform import get_platform, grad_accum_fusion_enabled
 from sbtrain.config.schema import RunConfig
 
 
@@ -40,7 +41,9 @@ def to_megatron_config(cfg: RunConfig, params_dtype: torch.dtype):
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        # Weight gradients accumulated straight into DDP's fp32 main_grad (no bf16 wgrad + add)
+        # where the platform has the GEMM for it; see maca_compat.fused_optim.wgrad_gemm_accum.
+        gradient_accumulation_fusion=grad_accum_fusion_enabled(get_platform()),
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         expert_model_parallel_size=p.ep,

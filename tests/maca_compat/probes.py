@@ -549,8 +549,8 @@ def probe_revert_identity(args) -> dict:
     artefacts = [".".join(key) for key, value in after.items() if _is_patch_artefact(value)]
     originals_back = [
         f"{_owner_name(owner)}.{attr}" for _, owner, attr, original in records
-        if attr != "filters" and (vars(owner)[attr] if isinstance(owner, type)
-                                  else getattr(owner, attr)) is not original
+        if attr != "filters" and (vars(owner).get(attr, patches.MISSING) if isinstance(owner, type)
+                                  else getattr(owner, attr, patches.MISSING)) is not original
     ]
     return {
         "applied": applied,
@@ -588,6 +588,17 @@ def probe_import_is_inert(args) -> dict:
     }
 
 
+def _in_optim_probes(name: str):
+    """A probe defined in optim_probes.py (kept apart for file size); it gets this module."""
+
+    def run(args) -> dict:
+        from tests.maca_compat import optim_probes
+
+        return getattr(optim_probes, name)(args, sys.modules[__name__])
+
+    return run
+
+
 NO_APPLY = {"revert_identity", "import_is_inert"}
 
 PROBES = {
@@ -599,6 +610,8 @@ PROBES = {
     "checkpoint": probe_checkpoint,
     "revert_identity": probe_revert_identity,
     "import_is_inert": probe_import_is_inert,
+    "fused_optim": _in_optim_probes("probe_fused_optim"),
+    "wgrad_fusion": _in_optim_probes("probe_wgrad_fusion"),
 }
 
 
