@@ -60,8 +60,8 @@ def gla_shapes(config_paths: list[str]) -> list[dict]:
     return list(shapes.values())
 
 
-def run_shape(shape: dict, seq: int, varlen: bool) -> float:
-    """Forward + backward of ops.gla.gla on fla for one shape; returns the seconds it took."""
+def run_shape(shape: dict, seq: int, varlen: bool, device: str = "cuda") -> float:
+    """Forward + backward of ops.gla.gla (fla on a GPU) for one shape; returns the seconds it took."""
     import torch
     import torch.nn.functional as F
 
@@ -69,10 +69,11 @@ def run_shape(shape: dict, seq: int, varlen: bool) -> float:
 
     batch = 1 if varlen else shape["batch"]
     tokens = seq * (shape["batch"] if varlen else 1)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def rand(heads: int) -> torch.Tensor:
-        return torch.randn(batch, tokens, heads, shape["dim"], device="cuda", generator=gen)
+        return torch.randn(batch, tokens, heads, shape["dim"], device=device, generator=gen)
 
     q = F.relu(rand(shape["heads"])).bfloat16().requires_grad_()
     k = F.relu(rand(shape["kv_heads"])).bfloat16().requires_grad_()
@@ -82,12 +83,14 @@ def run_shape(shape: dict, seq: int, varlen: bool) -> float:
     cu_seqlens = None
     if varlen:  # documents of uneven lengths, as packing makes them
         cuts = sorted({0, tokens // 3, tokens // 2 + 17, tokens})
-        cu_seqlens = torch.tensor(cuts, dtype=torch.int32, device="cuda")
-    torch.cuda.synchronize()
+        # int64, as sbtrain.model.segments.cu_seqlens_from_segments makes them (dtypes are in the key)
+        cu_seqlens = torch.tensor(cuts, dtype=torch.int64, device=device)
+    sync()
     start = time.perf_counter()
     out, _ = gla(q, k, v, g, scale=shape["dim"] ** -0.5, cu_seqlens=cu_seqlens)
     out.float().square().mean().backward()
-    torch.cuda.synchronize()
+    sync()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v, g))
     return time.perf_counter() - start
 
 

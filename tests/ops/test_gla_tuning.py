@@ -160,13 +160,18 @@ def test_stored_results_in_the_repo_have_valid_manifests():
             assert data["configs_timings"], rel
 
 
-def test_tune_fla_collect_merges_cache_dirs_and_records_the_config_shapes(tmp_path: Path):
-    """scripts/tune_fla.py --collect-from (the CPU-runnable half of the script)."""
+def load_tune_fla():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("tune_fla", tuning.TUNED_ROOT.parents[2] / "scripts/tune_fla.py")
-    tune_fla = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune_fla)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tune_fla_collect_merges_cache_dirs_and_records_the_config_shapes(tmp_path: Path):
+    """scripts/tune_fla.py --collect-from (the CPU-runnable half of the script)."""
+    tune_fla = load_tune_fla()
     first = fake_cache(tmp_path / "run_7b")
     second = tmp_path / "run_76b" / HASH_B
     second.mkdir(parents=True)
@@ -179,3 +184,11 @@ def test_tune_fla_collect_merges_cache_dirs_and_records_the_config_shapes(tmp_pa
     assert len(manifest["files"]) == 3 and manifest["device"] == "NVIDIA H200"
     assert [(s["batch"], s["heads"], s["kv_heads"], s["dim"]) for s in manifest["shapes"]] == [
         (1, 28, 4, 128), (1, 16, 2, 128)]
+
+
+def test_tune_fla_runs_each_shape_through_the_gla_op_with_and_without_documents():
+    """The tuning call on CPU (torch reference): the model's dtypes, packed documents, gradients."""
+    tune_fla = load_tune_fla()
+    shape = {"batch": 2, "heads": 4, "kv_heads": 2, "dim": 16}
+    for varlen in (False, True):
+        assert tune_fla.run_shape(shape, 32, varlen, device="cpu") >= 0
