@@ -23,6 +23,8 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
+from ops.gla_gate import gate_log_decay
+from ops.rmsnorm import head_rms_norm as fused_head_rms_norm
 from parallel.sequence import sequence_parallel_group
 from sbtrain.model.segments import cu_seqlens_from_segments
 
@@ -109,7 +111,7 @@ class GatedLinearAttention(MegatronModule):
         q, k, v = split_qkv(qkv, self.heads, self.groups, self.head_dim)
         gate_input = hidden_states if self.input_neuron is None else self.input_neuron(hidden_states)
         gate, _ = self.gate_up(self.gate_down(gate_input))
-        log_decay = F.logsigmoid(gate.float()) / self.gate_normalizer
+        log_decay = gate_log_decay(gate, self.gate_normalizer)
         log_decay = log_decay.view(seq, batch, self.groups, self.head_dim)
         q, k = self.feature_map(q), self.feature_map(k)
         return (t.transpose(0, 1) for t in (q, k, v, log_decay))
@@ -190,10 +192,8 @@ def _sequence_parallel_linear_attention(q, k, v, log_decay, segment_ids, scale: 
 
 
 def head_rms_norm(out: torch.Tensor, weight: torch.Tensor, eps: float, tp_group) -> torch.Tensor:
-    """Per-head RMSNorm over d in fp32 with one weight [d] shared by all heads."""
-    x = out.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    """Per-head RMSNorm over d in fp32 with one weight [d] shared by all heads (ops.rmsnorm)."""
     # Each TP rank sees only its heads, so the shared weight's gradient is partial:
     # copy_to_tensor_model_parallel_region all-reduces it over TP in backward.
     weight = copy_to_tensor_model_parallel_region(weight, group=tp_group)
-    return (x * weight.float()).to(out.dtype)
+    return fused_head_rms_norm(out, weight, eps)

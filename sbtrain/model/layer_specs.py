@@ -24,14 +24,16 @@ def register_mixer(symbol: str) -> Callable[[Callable], Callable]:
 
 
 def _local_layer(model: ModelConfig, ffn: str):
-    """Megatron's local (non-TE) layer spec: RMSNorm, SelfAttention, MLP or MoE."""
+    """Megatron's local (non-TE) layer spec: RMSNorm, SelfAttention, MLP or MoE, with
+    ``ops.swiglu`` as the activation of every MLP (dense, shared expert, each expert)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return _with_grouped_experts(get_gpt_layer_local_spec(
+    layer = get_gpt_layer_local_spec(
         num_experts=model.moe.num_experts if ffn == "E" else None,
         moe_grouped_gemm=False,
         normalization="RMSNorm",
-    ))
+    )
+    return _with_grouped_experts(_with_swiglu(layer))
 
 
 def _with_grouped_experts(layer):
@@ -47,6 +49,30 @@ def _with_grouped_experts(layer):
     mlp = functools.partial(mlp.func, *mlp.args,
                             **{**mlp.keywords, "submodules": dataclasses.replace(moe, experts=experts)})
     return dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, mlp=mlp))
+
+
+def _with_swiglu(spec):
+    """A copy of a spec tree whose every ``MLPSubmodules`` has ``activation_func=SwiGLU``.
+
+    Megatron applies that module to the whole [.., 2F] fc1 output because the config sets
+    ``use_te_activation_func`` (megatron_config.py); an MLP left without it would apply
+    plain silu to 2F columns and fail in fc2. Walks ModuleSpecs, submodule dataclasses and
+    ``functools.partial`` builders, as ``sbtrain.spiking.layers.with_spiking_linears`` does.
+    """
+    from megatron.core.transformer.mlp import MLPSubmodules
+
+    from ops.swiglu import SwiGLU
+
+    if isinstance(spec, MLPSubmodules):
+        return dataclasses.replace(spec, activation_func=SwiGLU)
+    if isinstance(spec, functools.partial):
+        keywords = {k: _with_swiglu(v) for k, v in spec.keywords.items()}
+        return functools.partial(spec.func, *spec.args, **keywords)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {f.name: _with_swiglu(getattr(spec, f.name))
+                   for f in dataclasses.fields(spec) if f.init}
+        return dataclasses.replace(spec, **changes)
+    return spec
 
 
 def _with_mixer(layer, mixer_spec):

@@ -24,9 +24,9 @@ linear branch runs them as a prefix whose final state starts every row and docum
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from ops.gla_gate import gate_log_decay
 from parallel.sequence import sequence_parallel_group
 from sbtrain.model.core_attention import causal_attention
 from sbtrain.model.gla import (
@@ -81,7 +81,6 @@ class ParallelHybridAttention(MegatronModule):
         if not self.shared_projections:
             q, k, v = self._qkv(self.softmax_branch.linear_qkv, hidden_states)
         softmax_out = self._softmax_branch(q, k, v, attention_mask, rotary_pos_emb)
-        linear_out = head_rms_norm(linear_out, self.linear_norm_weight, self.norm_eps, self.tp_group)
         softmax_out = head_rms_norm(softmax_out, self.softmax_norm_weight, self.norm_eps,
                                     self.tp_group)
         if self.shared_projections:
@@ -95,13 +94,15 @@ class ParallelHybridAttention(MegatronModule):
         return split_qkv(qkv, self.heads, self.groups, self.head_dim)
 
     def _linear_branch(self, q, k, v, segment_ids) -> torch.Tensor:
-        """[s, b, heads, d] -> [s, b, heads, d]: the key-gated recurrence."""
+        """[s, b, heads, d] -> [s, b, heads, d]: the key-gated recurrence, head-normed."""
         # log(1 - sigmoid(k)) = logsigmoid(-k): exact where sigmoid(k) rounds to 1
-        log_decay = F.logsigmoid(-k.float())
+        log_decay = gate_log_decay(k, negate=True)
         q, k = torch.sigmoid(q), torch.sigmoid(k)
         q, k, v, log_decay = (t.transpose(0, 1) for t in (q, k, v, log_decay))
         out = linear_attention(q, k, v, log_decay, segment_ids, self.head_dim ** -0.5,
                                self.sink_tokens, self.sp_group)
+        # normed before the transpose: the norm's rows are contiguous in [b, s, heads, d]
+        out = head_rms_norm(out, self.linear_norm_weight, self.norm_eps, self.tp_group)
         return out.transpose(0, 1)
 
     def _softmax_branch(self, q, k, v, segment_ids, rotary_pos_emb) -> torch.Tensor:
