@@ -23,6 +23,8 @@ logger = logging.getLogger("sbtrain.train")
 
 
 def _forward_step(data_iterator, model, loss_chunk_tokens: int = 0):
+    """One micro-batch forward; ``loss_chunk_tokens`` > 0 (``train.loss_chunk_tokens`` resolved,
+    e.g. ``auto`` on a GPU with tp 1) replaces GPTModel's output layer + loss by ``ops.loss``."""
     batch = next(data_iterator)
     extra = {}
     if loss_chunk_tokens:
@@ -36,7 +38,9 @@ def _forward_step(data_iterator, model, loss_chunk_tokens: int = 0):
 def _chunked_loss(chunk_tokens: int, *, hidden_states, output_layer, output_weight, labels,
                   **unused):
     """GPTModel's output step as per-token losses from ``ops.loss`` (``train.loss_chunk_tokens``):
-    the same numbers as its output layer + cross-entropy, without the whole logits."""
+    the same numbers as its output layer + cross-entropy, without the whole logits (nor their
+    fp32 copies). The weight is the output layer's, or the embedding's when tied (the gradient
+    then goes to the embedding, as in Megatron's path)."""
     from ops.loss import linear_cross_entropy
 
     weight = output_weight if output_weight is not None else output_layer.weight
@@ -106,8 +110,8 @@ class Trainer:
         s, t = self.state, self.cfg.train
         num_micro = t.global_batch_size // (t.micro_batch_size * s.groups.dp_size)
         losses = get_forward_backward_func()(
-            forward_step_func=partial(_forward_step,
-                                      loss_chunk_tokens=self.cfg.train.loss_chunk_tokens),
+            forward_step_func=partial(_forward_step, loss_chunk_tokens=t.resolved_loss_chunk_tokens(
+                self.cfg.parallel.tp, s.device.type)),
             data_iterator=self._device_batches(step, split),
             model=[s.model],
             num_microbatches=num_micro,

@@ -195,6 +195,12 @@ class ParallelConfig:
         return self.dp or world_size // (self.pp * self.tp * self.sp)
 
 
+LOSS_CHUNK_AUTO_TOKENS = 8192
+"""Chunk of ``train.loss_chunk_tokens: auto``: at SpikingBrain's 152K vocabulary one chunk's bf16
+logits are 2.5 GB (Megatron's loss holds the whole logits plus fp32 copies), and the logits GEMMs
+are large enough to run at full rate; a micro-batch of up to 8K tokens is one chunk."""
+
+
 @dataclass
 class TrainConfig:
     """Steps, batch sizes and precision."""
@@ -216,10 +222,12 @@ class TrainConfig:
     """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
     recompute: bool = False
     """Full activation recomputation of every layer."""
-    loss_chunk_tokens: int = 0
-    """0: Megatron's output layer and cross-entropy over the whole ``[tokens, vocab]`` logits.
-    N > 0: ``ops.loss.linear_cross_entropy``, N tokens' logits at a time, recomputed in backward
-    (what makes 64K-128K tokens per rank fit; tp 1 only)."""
+    loss_chunk_tokens: int | str = "auto"
+    """How the last stage computes the LM loss. ``auto``: ``ops.loss.linear_cross_entropy`` with
+    ``LOSS_CHUNK_AUTO_TOKENS`` tokens per chunk on GPUs when tp == 1 (its Triton backend: bf16
+    logits of one chunk, no fp32 copy), else (CPU, tp > 1) as 0. 0: Megatron's output layer and
+    cross-entropy over the whole ``[tokens, vocab]`` logits (fp32 copies included).
+    N > 0: ``ops.loss``, N tokens' logits at a time, recomputed in backward (tp 1 only)."""
     run_dir: str = "runs/default"
     """Where metrics.jsonl, the resolved config and the profile summary go."""
     max_skipped_steps: int = 5
@@ -243,9 +251,18 @@ class TrainConfig:
         for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be >= 1", key=f"train.{name}")
-        if self.loss_chunk_tokens < 0:
-            raise ConfigError("must be >= 0 (0: unchunked)", key="train.loss_chunk_tokens")
+        if isinstance(self.loss_chunk_tokens, str) and self.loss_chunk_tokens != "auto":
+            raise ConfigError(f"expected auto or an int >= 0, got {self.loss_chunk_tokens!r}",
+                              key="train.loss_chunk_tokens")
+        if isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens < 0:
+            raise ConfigError("must be >= 0 (0: Megatron's unchunked loss)", key="train.loss_chunk_tokens")
         self._check_safety()
+
+    def resolved_loss_chunk_tokens(self, tp: int, device_type: str) -> int:
+        """``loss_chunk_tokens`` with ``auto`` resolved for this run: 0 means Megatron's loss."""
+        if self.loss_chunk_tokens != "auto":
+            return self.loss_chunk_tokens
+        return LOSS_CHUNK_AUTO_TOKENS if device_type == "cuda" and tp == 1 else 0
 
     def _check_safety(self) -> None:
         if self.max_skipped_steps < 1:

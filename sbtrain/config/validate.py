@@ -52,10 +52,10 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> None:
         # the sinks are prepended to the whole sequence, before any sequence split
         raise ConfigError("model.sink_tokens does not support sequence_parallel yet",
                           key="parallel.sequence_parallel")
-    if cfg.train.loss_chunk_tokens and p.tp > 1:
-        # the chunked loss needs the whole vocabulary on one rank
+    if cfg.train.loss_chunk_tokens != "auto" and cfg.train.loss_chunk_tokens > 0 and p.tp > 1:
+        # the chunked loss needs the whole vocabulary on one rank (auto falls back to Megatron's)
         raise ConfigError("the chunked loss needs tp = 1 (vocab-parallel logits use Megatron's "
-                          "cross-entropy): set 0", key="train.loss_chunk_tokens")
+                          "cross-entropy): set 0 or auto", key="train.loss_chunk_tokens")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("sequence_parallel needs tp > 1", key="parallel.sequence_parallel")
     if p.sp > 1 and cfg.train.seq_length % p.sp:

@@ -176,11 +176,12 @@ def grouped_experts_transient_bytes(cfg: RunConfig, weight_bytes: float) -> floa
 
 def _logits_bytes(cfg: RunConfig, act_bytes: float) -> float:
     """Logits of one micro-batch: all of them, or with ``train.loss_chunk_tokens`` one chunk
-    (in the activation dtype, an fp32 copy and its fp32 gradient) plus the fp32 accumulator of
-    the output weight's gradient."""
+    (in the activation dtype, an fp32 copy and its fp32 gradient: the torch backend of
+    ``ops.loss``, an upper bound for its Triton backend, which keeps only the first) plus the
+    fp32 accumulator of the output weight's gradient. ``auto`` is resolved as on a GPU."""
     model, p = cfg.model, cfg.parallel
     logit_tokens = cfg.train.seq_length * cfg.train.micro_batch_size / p.sp
-    chunk = cfg.train.loss_chunk_tokens
+    chunk = cfg.train.resolved_loss_chunk_tokens(p.tp, "cuda")
     if not chunk:
         return logit_tokens * model.vocab_size / p.tp * (act_bytes + LOGITS_EXTRA_BYTES)
     return (min(chunk, logit_tokens) * model.vocab_size * (act_bytes + 2 * LOGITS_EXTRA_BYTES)
