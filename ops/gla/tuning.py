@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import uuid
 from importlib import metadata
 from pathlib import Path
@@ -61,7 +62,12 @@ def current_gpu_kind() -> tuple[str, str] | None:
 
 
 def triton_cache_dir() -> Path:
-    """The directory Triton's ``FileCacheManager`` uses (same rule as ``triton.knobs.cache.dir``)."""
+    """The directory Triton's ``FileCacheManager`` uses: ``triton.knobs.cache.dir`` when triton is
+    already imported (megatron-core imports it), else the same rule from the environment."""
+    knobs = getattr(sys.modules.get("triton"), "knobs", None)
+    configured = getattr(getattr(knobs, "cache", None), "dir", None)
+    if isinstance(configured, str) and configured:
+        return Path(configured)
     explicit = os.environ.get("TRITON_CACHE_DIR", "").strip()
     if explicit:
         return Path(explicit)
