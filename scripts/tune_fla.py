@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ops.gla.tuning import TUNED_ROOT, collect_autotune_files, current_gpu_kind  # noqa: E402
+from ops.gla.tuning import TUNED_ROOT, VERSIONED_PACKAGES, collect_autotune_files, current_gpu_kind  # noqa: E402
 from sbtrain.config.load import load_config  # noqa: E402
 from sbtrain.config.schema import parse_pattern  # noqa: E402
 
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="store the *.autotune.json of these Triton cache dirs; tune nothing")
     p.add_argument("--kind", help="with --collect-from: tuning kind (default: this GPU's, e.g. sm90)")
     p.add_argument("--device", default="", help="with --collect-from: device the results came from")
+    p.add_argument("--versions", nargs="+", metavar="PKG=VER",
+                   help="with --collect-from on another machine: the tuning machine's versions, e.g. "
+                        "triton=3.6.0 fla-core=0.6.0 (default: the installed ones)")
     p.add_argument("--verify-only", action="store_true", help="only run the seeded check")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=TUNED_ROOT, help="stored-results root")
@@ -159,8 +162,15 @@ def collect(args: argparse.Namespace, shapes: list[dict]) -> int:
         print("--collect-from without a GPU needs --kind (e.g. sm90) and --device", file=sys.stderr)
         return 2
     kind, device = (args.kind, args.device) if args.kind else found
+    versions = None
+    if args.versions:
+        versions = dict(item.split("=", 1) for item in args.versions)
+        missing = [name for name in VERSIONED_PACKAGES if name not in versions]
+        if missing:
+            print(f"--versions must name {', '.join(VERSIONED_PACKAGES)}; missing {missing}", file=sys.stderr)
+            return 2
     manifest = collect_autotune_files([Path(d) for d in args.collect_from], kind, device,
-                                      tuned_root=args.out, extra={"shapes": shapes})
+                                      tuned_root=args.out, versions=versions, extra={"shapes": shapes})
     print(f"stored {len(manifest['files'])} results for {kind} in {args.out / kind} "
           f"(versions {manifest['versions']})")
     return 0

@@ -178,10 +178,12 @@ def test_tune_fla_collect_merges_cache_dirs_and_records_the_config_shapes(tmp_pa
     (second / "chunk_local_cumsum_vector_kernel.autotune.json").write_text(autotune_json("cumsum", 4))
     assert tune_fla.main(["--collect-from", str(first), str(tmp_path / "run_76b"), "--kind", "sm90",
                           "--device", "NVIDIA H200", "--out", str(tmp_path / "tuned"),
+                          "--versions", "triton=3.6.0", "fla-core=0.6.0",
                           "--configs", "examples/configs/spikingbrain_7b.yaml",
                           "examples/configs/spikingbrain_76b_1gpu.yaml"]) == 0
     manifest = tuning.read_manifest(tmp_path / "tuned" / "sm90")
     assert len(manifest["files"]) == 3 and manifest["device"] == "NVIDIA H200"
+    assert manifest["versions"] == VERSIONS
     assert [(s["batch"], s["heads"], s["kv_heads"], s["dim"]) for s in manifest["shapes"]] == [
         (1, 28, 4, 128), (1, 16, 2, 128)]
 
