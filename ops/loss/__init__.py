@@ -21,8 +21,9 @@ forces one):
 - ``torch_chunked`` (``ops.loss.chunked``, the reference backend, every device): the same steps in
   plain torch, with an fp32 copy of each chunk's logits.
 
-Both sum the weight gradient over chunks in fp32 (``chunked.WeightGradSum``: ``mm(out_dtype=fp32)``
-on CUDA, fp32 GEMMs of upcast operands elsewhere), so the result does not depend on the chunk size.
+Both sum the weight gradient over chunks in fp32 (``chunked.WeightGradSum``: a GEMM with an fp32
+output accumulating into the sum on CUDA, fp32 GEMMs of upcast operands elsewhere), so the result
+does not depend on the chunk size.
 ``reference_linear_cross_entropy`` (whole logits, Megatron's unfused math) is the spec in tests.
 
 Math
