@@ -8,8 +8,8 @@ On a GPU, with the installed Triton and fla-core:
 
 Tuning runs ``ops.gla.gla`` forced onto fla (``SB_OP_BACKEND_GLA=fla_chunk``), forward and
 backward, once per distinct (batch, heads, head dim) of the GLA layers in ``--configs``, with
-and without packed documents (``cu_seqlens``), in the dtypes the model uses (q, k, v bf16, log
-decay fp32). The model never passes an initial or final state to fla (sinks enter as an
+packed documents (``cu_seqlens``) where the config masks documents (``--all-varlen``: everywhere
+too), in the dtypes the model uses (q, k, v bf16, log decay fp32). The model never passes an initial or final state to fla (sinks enter as an
 additive term, ``sbtrain/model/gla.py``), so neither is tuned. Triton's autotune keys hold no
 sequence length for GLA: ``--seq`` only sets how long the timed runs are.
 
@@ -44,8 +44,10 @@ AUTOTUNE_MARK = "Triton autotuning for function"
 DEFAULT_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "examples/configs").glob("*.yaml"))
 
 
-def gla_shapes(config_paths: list[str]) -> list[dict]:
-    """Distinct (batch, heads, kv heads, head dim) of the GLA layers of each config, per TP rank."""
+def gla_shapes(config_paths: list[str], all_varlen: bool = False) -> list[dict]:
+    """Distinct (batch, heads, kv heads, head dim, packed documents) of the GLA layers of each
+    config, per TP rank; packed documents (cu_seqlens) where ``data.document_mask`` is on, or
+    both ways with ``all_varlen``."""
     shapes: dict[tuple, dict] = {}
     for path in config_paths:
         cfg = load_config(REPO / path)
@@ -53,10 +55,11 @@ def gla_shapes(config_paths: list[str]) -> list[dict]:
         if not any(mixer in GLA_MIXERS for mixer, _ in parse_pattern(model.pattern)):
             continue
         dim = model.head_dim or model.hidden_size // model.num_attention_heads
-        shape = {"batch": cfg.train.micro_batch_size, "heads": model.num_attention_heads // tp,
-                 "kv_heads": model.num_query_groups // tp, "dim": dim}
-        entry = shapes.setdefault(tuple(shape.values()), {**shape, "configs": []})
-        entry["configs"].append(path)
+        for varlen in sorted({cfg.data.document_mask, cfg.data.document_mask or all_varlen}):
+            shape = {"batch": cfg.train.micro_batch_size, "heads": model.num_attention_heads // tp,
+                     "kv_heads": model.num_query_groups // tp, "dim": dim, "varlen": varlen}
+            entry = shapes.setdefault(tuple(shape.values()), {**shape, "configs": []})
+            entry["configs"].append(path)
     return list(shapes.values())
 
 
@@ -98,11 +101,11 @@ def run_all(shapes: list[dict], seq: int) -> list[dict]:
     os.environ["SB_OP_BACKEND_GLA"] = "fla_chunk"  # fail loudly rather than tune nothing
     timings = []
     for shape in shapes:
-        for varlen in (False, True):
-            seconds = run_shape(shape, seq, varlen)
-            timings.append({**shape, "varlen": varlen, "seconds": round(seconds, 2)})
-            print(f"  B={shape['batch']} H={shape['heads']}/{shape['kv_heads']} D={shape['dim']} "
-                  f"varlen={varlen}: {seconds:.1f} s", flush=True)
+        seconds = run_shape(shape, seq, shape["varlen"])
+        timings.append({"batch": shape["batch"], "heads": shape["heads"], "varlen": shape["varlen"],
+                        "seconds": round(seconds, 2)})
+        print(f"  B={shape['batch']} H={shape['heads']}/{shape['kv_heads']} D={shape['dim']} "
+              f"varlen={shape['varlen']}: {seconds:.1f} s", flush=True)
     return timings
 
 
@@ -116,7 +119,7 @@ def fresh_cache_env(cache_dir: str, seed: bool) -> None:
 def verify(args: argparse.Namespace) -> int:
     """Rerun the shapes in a child with a fresh, seeded cache; count kernels that still autotune."""
     cmd = [sys.executable, __file__, "--verify-only", "--child", "--seq", str(args.seq),
-           "--configs", *args.configs]
+           "--configs", *args.configs] + (["--all-varlen"] if args.all_varlen else [])
     with tempfile.TemporaryDirectory(prefix="tune_fla_verify_") as cache:
         env = {**os.environ, "TRITON_CACHE_DIR": cache, "TRITON_PRINT_AUTOTUNING": "1", "SB_FLA_SEED": "1"}
         start = time.perf_counter()
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="YAMLs whose GLA shapes to tune")
     p.add_argument("--seq", type=int, default=8192, help="tokens per sequence in the tuning runs")
+    p.add_argument("--all-varlen", action="store_true",
+                   help="also tune packed documents (cu_seqlens) for configs without data.document_mask")
     p.add_argument("--collect-from", nargs="+", metavar="DIR",
                    help="store the *.autotune.json of these Triton cache dirs; tune nothing")
     p.add_argument("--kind", help="with --collect-from: tuning kind (default: this GPU's, e.g. sm90)")
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=TUNED_ROOT, help="stored-results root")
     args = p.parse_args(argv)
-    shapes = gla_shapes(args.configs)
+    shapes = gla_shapes(args.configs, args.all_varlen)
     if args.child:  # the verification child: its cache dir and seeding come from the parent
         run_all(shapes, args.seq)
         return 0
@@ -184,7 +189,7 @@ def tune(args: argparse.Namespace, shapes: list[dict]) -> int:
             print("tune_fla.py needs a CUDA/MACA GPU (or use --collect-from)", file=sys.stderr)
             return 2
         kind, device = found
-        print(f"tuning fla for {device} ({kind}) in {cache}: {len(shapes)} shapes x varlen off/on", flush=True)
+        print(f"tuning fla for {device} ({kind}) in {cache}: {len(shapes)} shapes", flush=True)
         start = time.perf_counter()
         timings = run_all(shapes, args.seq)
         print(f"tuned in {time.perf_counter() - start:.0f} s", flush=True)

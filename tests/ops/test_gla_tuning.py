@@ -184,8 +184,11 @@ def test_tune_fla_collect_merges_cache_dirs_and_records_the_config_shapes(tmp_pa
     manifest = tuning.read_manifest(tmp_path / "tuned" / "sm90")
     assert len(manifest["files"]) == 3 and manifest["device"] == "NVIDIA H200"
     assert manifest["versions"] == VERSIONS
-    assert [(s["batch"], s["heads"], s["kv_heads"], s["dim"]) for s in manifest["shapes"]] == [
-        (1, 28, 4, 128), (1, 16, 2, 128)]
+    assert [(s["batch"], s["heads"], s["kv_heads"], s["dim"], s["varlen"]) for s in manifest["shapes"]] == [
+        (1, 28, 4, 128, False), (1, 16, 2, 128, False)]
+    shapes = tune_fla.gla_shapes(["examples/configs/spikingbrain_76b_tiny.yaml", "examples/configs/spikingbrain_7b.yaml"])
+    assert [(s["heads"], s["varlen"]) for s in shapes] == [(4, True), (28, False)]  # the 76B tiny masks documents
+    assert len(tune_fla.gla_shapes(["examples/configs/spikingbrain_7b.yaml"], all_varlen=True)) == 2
 
 
 def test_tune_fla_runs_each_shape_through_the_gla_op_with_and_without_documents():
