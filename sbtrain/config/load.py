@@ -29,12 +29,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
         for item in stages:
             _check_stage(raw, stages, item.name)
         if stage is not None:
+            # --set of the stage's base paths applies before the stage adds /NAME to them
+            # (else every stage would share one save_dir and later stages train 0 steps)
+            for item in overrides or []:
+                apply_override(raw, item)
             raw = apply_stage(raw, stages, stage)
         for item in overrides or []:
-            apply_override(raw, item)
+            if stage is None or _override_key(item) not in STAGE_BASE_PATHS:
+                apply_override(raw, item)
         return from_dict(RunConfig, raw)
     except ConfigError as exc:
         raise exc.with_source(source) from None
+
+
+# Keys a stage extends with its name (sbtrain.config.stages): --set gives their base.
+STAGE_BASE_PATHS = ("train.run_dir", "checkpoint.save_dir")
+
+
+def _override_key(item: str) -> str:
+    return item.split("=", 1)[0].strip()
 
 
 def stage_names(path: str | Path) -> list[str]:

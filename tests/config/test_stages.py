@@ -61,6 +61,21 @@ def test_unknown_stage_and_missing_save_dir_are_errors(tmp_path):
         load_config(write(tmp_path, raw), stage="short")
 
 
+def test_set_of_save_dir_and_run_dir_keeps_per_stage_directories(tmp_path):
+    """reliability.md SILENT 2: ``--set checkpoint.save_dir=D`` used to replace D/NAME, so the
+    second stage found the first one's final checkpoint and trained 0 steps."""
+    path = write(tmp_path, STAGED)
+    sets = [f"checkpoint.save_dir={tmp_path / 'D'}", f"train.run_dir={tmp_path / 'R'}",
+            "train.train_iters=7"]
+    short, long = (load_config(path, sets, stage=name) for name in ("short", "long"))
+    assert short.checkpoint.save_dir == str(tmp_path / "D" / "short")
+    assert long.checkpoint.save_dir == str(tmp_path / "D" / "long")
+    assert long.train.run_dir == str(tmp_path / "R" / "long")
+    assert long.checkpoint.pretrained == str(tmp_path / "D" / "short")
+    assert short.train.train_iters == long.train.train_iters == 7  # --set beats the stage
+    assert load_config(path, sets).checkpoint.save_dir == str(tmp_path / "D")
+
+
 def test_second_stage_starts_from_first_stage_weights(tmp_path):
     """Stage 'long' step 1 equals a plain run started from stage 'short's checkpoint."""
     path = write(tmp_path, STAGED)
