@@ -111,6 +111,8 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, step: int
     if optimizer is not None:
         materialize_optimizer_state(optimizer)
     state = _state_dict(model, optimizer, scheduler, step, is_loading=True)
+    if optimizer is not None:
+        check_optimizer_layout(directory, state["optimizer"])
     loaded = dist_checkpointing.load(state, str(directory))
     _unwrap_ddp(model).load_state_dict(loaded["model"])
     if optimizer is not None:
@@ -118,6 +120,37 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, step: int
         unshare_adam_step(optimizer)
         scheduler.load_state_dict(loaded["scheduler"])
     return int(loaded["step"])
+
+
+def _is_chained(keys) -> bool:
+    return any(key.startswith("chained_") for key in keys)
+
+
+def check_optimizer_layout(directory: str | Path, optimizer_state: dict) -> None:
+    """Refuse, with the reason, optimizer state that megatron-core cannot map onto this run.
+
+    Upstream limitation (megatron-core 0.19.2): with expert parallelism > 1 the expert
+    parameters get their own optimizer, and a ChainedOptimizer names every state tensor
+    ``chained_<i>.optimizer.state.*``; with one optimizer (EP1, or no MoE) the names are
+    ``optimizer.state.*``. A checkpoint saved under one layout cannot load its optimizer
+    state under the other (the load fails deep inside dist_checkpointing with a KeyError).
+    """
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    saved = [k for k in load_tensors_metadata(str(directory)) if ".state." in k]
+    wanted = [v.key for v in nested_values(optimizer_state)
+              if isinstance(v, ShardedBase) and ".state." in v.key]
+    if saved and wanted and _is_chained(saved) != _is_chained(wanted):
+        layouts = {True: "separate expert optimizer (expert parallelism > 1)",
+                   False: "one optimizer (expert parallelism 1)"}
+        raise RuntimeError(
+            f"{directory}: its optimizer state was saved with {layouts[_is_chained(saved)]}, this "
+            f"run has {layouts[_is_chained(wanted)]}; megatron-core 0.19.2 cannot reshard MoE "
+            "optimizer state between EP1 and EP>1 (its ChainedOptimizer renames the state to "
+            "chained_<i>.*). Resume with the saved expert-parallel layout, or set "
+            "checkpoint.load_optimizer=false to load the weights with a fresh optimizer.")
 
 
 def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:

@@ -32,6 +32,20 @@ def test_checkpoint_reshards_dp2_to_pp2(tmp_path, one_process_curve):
 # MoE resume under EP2: tests/parallel/test_76b_layouts.py (MoE with sinks and H/F mixers).
 
 
+def test_moe_optimizer_state_ep1_to_ep2_fails_clearly(tmp_path):
+    """megatron-core 0.19.2 cannot reshard MoE optimizer state EP1 -> EP2 (its chained expert
+    optimizer renames the state): the resume stops with the reason and the way out."""
+    from tests.parallel.harness import MOE_PATTERN, launch, write_config
+
+    common = {**STEPS, "model.pattern": MOE_PATTERN, "checkpoint.save_dir": str(tmp_path / "ckpt")}
+    run(tmp_path, "ep1", 1, {**common, "train.exit_at_step": 2})
+    proc = launch(write_config(tmp_path, "ep2", {**common, "parallel.ep": 2}), 2, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "cannot reshard MoE optimizer state between EP1 and EP>1" in output, output[-3000:]
+    assert "checkpoint.load_optimizer=false" in output
+
+
 CRASH_SCRIPT = r"""
 import sys
 from megatron.core import dist_checkpointing
