@@ -1,19 +1,28 @@
-"""Output layer + cross-entropy, forward + backward: chunked ``linear_cross_entropy`` vs the unfused reference.
+"""Output layer + cross-entropy, forward + backward: Megatron's path vs ``ops.loss``'s torch and Triton backends.
 
     python3 bench/bench_loss.py [--tokens 8192 32768 131072] [--hidden 3584] [--vocab 152064]
-                                [--chunk-tokens 4096] [--dtype bf16] [--warmup 2] [--iters 5]
+                                [--chunk-tokens 8192] [--dtype bf16] [--warmup 2] [--iters 5]
+                                [--impls megatron chunked triton]
 
-For each token count T (one sequence: hidden ``[T, 1, h]``, labels ``[1, T]``) both implementations
+For each token count T (one sequence: hidden ``[T, 1, h]``, labels ``[1, T]``) the implementations
 run in the same process on the same inputs: ``loss = fn(hidden, weight, labels)`` then the
-gradients of hidden and weight under an upstream gradient of ``1 / T`` (a token-mean loss). Time is
-the mean of ``--iters`` calls between CUDA events. Peak memory is the inputs plus the largest extra
-allocation seen during one call (``torch.cuda.max_memory_allocated`` after a reset, minus what was
-allocated before the call), so it does not depend on what the script holds between runs. A
-reference that runs out of memory is reported as "OOM". Where both ran, the chunked results are
-compared with the reference's (max |loss difference|, relative RMS error of each gradient).
-TFLOP/s counts the useful work of the three GEMMs (``6 * T * h * V``), the same for both, so the
-chunked op's extra forward recomputation shows up as a lower rate. Prints a markdown table, then one
-JSON line. Exits with status 2 when there is no CUDA GPU.
+gradients of hidden and weight under an upstream gradient of ``1 / T`` (a token-mean loss):
+
+- ``megatron``: Megatron-Core's default output path at tp 1: ``logits = hidden @ weight.T`` (bf16,
+  what ``ColumnParallelLinear`` computes, autograd for its backward) and
+  ``tensor_parallel.vocab_parallel_cross_entropy`` (fp32 copy of the logits, fp32 softmax saved
+  for backward, fp32 gradient) on a one-rank process group;
+- ``chunked``: ``ops.loss.linear_cross_entropy``'s torch backend (``torch_chunked``);
+- ``triton``: its Triton backend (bf16 logits, fp32 kernels, in-place gradient), what training
+  uses on GPUs (``train.loss_chunk_tokens: auto``, chunk 8192).
+
+Time is the mean of ``--iters`` calls between CUDA events. Peak memory is the inputs plus the
+largest extra allocation seen during one call (``torch.cuda.max_memory_allocated`` after a reset,
+minus what was allocated before the call). An implementation that runs out of memory is reported
+as "OOM". Each ``ops.loss`` backend is compared with Megatron's results where both ran (max |loss
+difference|, relative RMS error of each gradient). TFLOP/s counts the useful work of the three
+GEMMs (``6 * T * h * V``), so the ``ops.loss`` backends' forward recomputation shows up as a lower
+rate. Prints a markdown table, then one JSON line. Exits with status 2 when there is no CUDA GPU.
 """
 
 from __future__ import annotations
@@ -22,19 +31,26 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 # run from a checkout without installing sbtrain: `python3 bench/bench_loss.py` puts bench/ first
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
+
 from bench.timing import time_ms  # noqa: E402
-from ops.loss import linear_cross_entropy, reference_linear_cross_entropy  # noqa: E402
+from maca_compat.platform import get_platform  # noqa: E402
+from ops.loss import linear_cross_entropy  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IMPLS = ("megatron", "chunked", "triton")
+BASELINE = "megatron"
 GIB = 1024**3
 
 Outputs = tuple[Tensor, Tensor, Tensor]
@@ -45,11 +61,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072], help="tokens per call (s * b)")
     p.add_argument("--hidden", type=int, default=3584, help="hidden size h (SpikingBrain-7B)")
     p.add_argument("--vocab", type=int, default=152064, help="vocabulary V (SpikingBrain / Qwen2.5)")
-    p.add_argument("--chunk-tokens", type=int, default=4096, help="chunk of the chunked op")
+    p.add_argument("--chunk-tokens", type=int, default=8192,
+                   help="chunk of the ops.loss backends (8192: train.loss_chunk_tokens auto)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     return p.parse_args(argv)
+
+
+def one_rank_group() -> dist.ProcessGroup:
+    """A process group of this process alone: Megatron's cross-entropy all-reduces over tp."""
+    if not dist.is_initialized():
+        store = dist.FileStore(tempfile.mktemp(prefix="bench_loss_store_"), 1)
+        dist.init_process_group(get_platform().comm_backend, store=store, rank=0, world_size=1)
+    return dist.group.WORLD
+
+
+def megatron_loss(group: dist.ProcessGroup) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """Megatron's output layer + ``compute_language_model_loss`` at tp 1, as GPTModel runs them."""
+
+    def loss(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+        logits = torch.matmul(hidden, weight.t())
+        per_token = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), tp_group=group)
+        return per_token.transpose(0, 1).contiguous()
+
+    return loss
+
+
+def implementations(args: argparse.Namespace) -> dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    """The benchmarked functions ``(hidden, weight, labels) -> losses``, by name."""
+    backends = {b.name: b.fn for b in linear_cross_entropy.registry.backends}
+    chunk = args.chunk_tokens
+    every = {"chunked": lambda h, w, y: backends["torch_chunked"](h, w, y, chunk),
+             "triton": lambda h, w, y: backends["triton"](h, w, y, chunk)}
+    if BASELINE in args.impls:
+        every[BASELINE] = megatron_loss(one_rank_group())
+    return {name: every[name] for name in args.impls}
 
 
 def make_inputs(T: int, h: int, V: int, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -99,21 +147,18 @@ def rel_rms(actual: Tensor, expected: Tensor, rows: int = 8192) -> float:
     return (err / ref) ** 0.5 if ref > 0 else float("nan")
 
 
-def compare(chunked: Outputs, ref: Outputs) -> dict[str, float]:
-    loss, dh, dw = chunked
-    ref_loss, ref_dh, ref_dw = ref
+def compare(outputs: Outputs, baseline: Outputs) -> dict[str, float]:
+    loss, dh, dw = outputs
+    ref_loss, ref_dh, ref_dw = baseline
     return {"max_abs_loss_diff": (loss - ref_loss).abs().max().item(),
-            "grad_hidden_rel_rms": rel_rms(dh.flatten(0, 1), ref_dh.flatten(0, 1)),
-            "grad_weight_rel_rms": rel_rms(dw, ref_dw)}
+            "dh_rel_rms": rel_rms(dh.flatten(0, 1), ref_dh.flatten(0, 1)),
+            "dw_rel_rms": rel_rms(dw, ref_dw)}
 
 
-def bench_size(T: int, args: argparse.Namespace) -> dict[str, object]:
-    """One row: time, peak memory and agreement of both implementations at T tokens."""
-    dtype = DTYPES[args.dtype]
-    x = make_inputs(T, args.hidden, args.vocab, dtype)
+def bench_size(T: int, args: argparse.Namespace, impls: dict[str, Callable[..., Tensor]]) -> dict[str, object]:
+    """One row: time, peak memory and agreement with Megatron of every implementation at T tokens."""
+    x = make_inputs(T, args.hidden, args.vocab, DTYPES[args.dtype])
     input_bytes = sum(t.numel() * t.element_size() for t in x.values())
-    impls = {"chunked": lambda h, w, y: linear_cross_entropy(h, w, y, chunk_tokens=args.chunk_tokens),
-             "reference": reference_linear_cross_entropy}
     row: dict[str, object] = {"tokens": T}
     outputs, peak, ms = {}, {}, {}
     for name, fn in impls.items():
@@ -126,25 +171,31 @@ def bench_size(T: int, args: argparse.Namespace) -> dict[str, object]:
         row[f"{name}_ms"] = round(ms[name], 2)
         row[f"{name}_peak_gib"] = round(peak[name] / GIB, 2)
         row[f"{name}_tflops"] = round(6 * T * args.hidden * args.vocab / ms[name] / 1e9, 1)
-    if len(outputs) == 2:
-        row["time_ratio"] = round(ms["chunked"] / ms["reference"], 3)
-        row["mem_ratio"] = round(peak["chunked"] / peak["reference"], 3)
-        row.update({k: float(f"{v:.3g}") for k, v in compare(outputs["chunked"], outputs["reference"]).items()})
+        if name != BASELINE and BASELINE in outputs:
+            row[f"{name}_time_vs_megatron"] = round(ms[name] / ms[BASELINE], 3)
+            row[f"{name}_mem_vs_megatron"] = round(peak[name] / peak[BASELINE], 3)
+            agreement = compare(outputs[name], outputs[BASELINE])
+            row.update({f"{name}_{k}": float(f"{v:.3g}") for k, v in agreement.items()})
+        if name != BASELINE:
+            # keep the baseline's outputs only: the others' gradients would double the held memory
+            outputs.pop(name)
     del outputs, x
     gc.collect()
     torch.cuda.empty_cache()
     return row
 
 
-def print_table(rows: list[dict[str, object]]) -> None:
-    cols = ["tokens", "reference_ms", "chunked_ms", "time_ratio", "reference_peak_gib", "chunked_peak_gib",
-            "mem_ratio", "reference_tflops", "chunked_tflops", "max_abs_loss_diff", "grad_hidden_rel_rms",
-            "grad_weight_rel_rms"]
-    heads = ["T", "ref ms", "chunked ms", "time chunked/ref", "ref peak GiB", "chunked peak GiB",
-             "mem chunked/ref", "ref TFLOP/s", "chunked TFLOP/s", "max abs dloss", "dH rel RMS", "dW rel RMS"]
+def print_table(rows: list[dict[str, object]], names: list[str]) -> None:
+    """One line per (T, implementation): time, peak, rate, and agreement with Megatron."""
+    cols = ["ms", "peak_gib", "tflops", "time_vs_megatron", "mem_vs_megatron", "max_abs_loss_diff",
+            "dh_rel_rms", "dw_rel_rms"]
+    heads = ["T", "impl", "ms", "peak GiB", "TFLOP/s", "time / megatron", "mem / megatron", "max abs dloss vs megatron",
+             "dH rel RMS vs megatron", "dW rel RMS vs megatron"]
     print("| " + " | ".join(heads) + " |\n|" + "---:|" * len(heads))
     for row in rows:
-        print("| " + " | ".join(str(row.get(c, "-")) for c in cols) + " |")
+        for name in names:
+            cells = [str(row["tokens"]), name] + [str(row.get(f"{name}_{c}", "-")) for c in cols]
+            print("| " + " | ".join(cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,14 +204,17 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_loss needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    rows = [bench_size(T, args) for T in args.tokens]
+    impls = implementations(args)
+    rows = [bench_size(T, args, impls) for T in args.tokens]
     device = torch.cuda.get_device_name()
-    print(f"linear_cross_entropy fwd+bwd, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}, "
-          f"chunk_tokens {args.chunk_tokens}, on {device}\n")
-    print_table(rows)
+    print(f"output layer + cross-entropy fwd+bwd, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}, "
+          f"ops.loss chunk_tokens {args.chunk_tokens}, on {device}\n")
+    print_table(rows, list(impls))
     record = {"bench": "linear_cross_entropy_fwd_bwd", "device": device, "hidden": args.hidden,
               "vocab": args.vocab, "dtype": args.dtype, "chunk_tokens": args.chunk_tokens, "rows": rows}
     print(json.dumps(record))
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
