@@ -227,16 +227,26 @@ def _bf16_against_fp64(groups) -> dict:
             for name, want in ref.items()}
 
 
-def _gpt_main_grads(p, groups, fusion: bool) -> tuple[float, int, dict]:
-    import sbtrain.model.megatron_config as megatron_config
+def _gpt_main_grads(p, groups, fusion: bool, tied: bool) -> tuple[float, int, dict]:
+    """The tiny GPT under megatron DDP, two micro-batches; ``tied``: embedding == output weight
+    (megatron then zeroes the fused layer's dummy wgrad so the embedding's gradient is kept)."""
+    import dataclasses
 
+    import sbtrain.model.megatron_config as megatron_config
+    from parallel.init import init_parameters_globally
+    from sbtrain.model.builder import build_model
+
+    cfg = p.run_config()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, untie_embeddings=not tied))
     enabled = megatron_config.grad_accum_fusion_enabled
     megatron_config.grad_accum_fusion_enabled = lambda platform: fusion
     try:
-        model, tconfig = p.build_gpt(groups)
+        model, tconfig = build_model(cfg, groups.pg_collection, torch.float32, torch.device("cpu"))
     finally:
         megatron_config.grad_accum_fusion_enabled = enabled
+    init_parameters_globally(model, p.SEED, cfg.model.init_method_std, cfg.model.num_layers)
     assert tconfig.gradient_accumulation_fusion == fusion
+    assert model.share_embeddings_and_output_weights == tied
     ddp, _ = p.build_ddp_optimizer(groups, tconfig, model)
     ddp.zero_grad_buffer()
     loss = sum(p.lm_loss(ddp, p.make_batch(s)) for s in range(2))  # two micro-batches
@@ -252,10 +262,13 @@ def probe_wgrad_fusion(args, p) -> dict:
     out = {"fp32": _compare_layers(groups, torch.float32),
            "bf16": _compare_layers(groups, torch.bfloat16),
            "bf16_vs_fp64": _bf16_against_fp64(groups)}
-    loss_f, out["gpt_fused_params"], grads_f = _gpt_main_grads(p, groups, True)
-    loss_p, out["gpt_plain_fused_params"], grads_p = _gpt_main_grads(p, groups, False)
-    out["gpt_loss_equal"] = loss_f == loss_p
-    out["gpt_num_grads"] = len(grads_p)
-    out["gpt_main_grad_rel_err"] = max(_max_rel(grads_f[n], g) for n, g in grads_p.items())
-    out["gpt_grads_nonzero"] = all(bool(g.abs().sum() > 0) for g in grads_f.values())
+    for name, tied in (("gpt", False), ("gpt_tied", True)):
+        loss_f, fused_f, grads_f = _gpt_main_grads(p, groups, True, tied)
+        loss_p, fused_p, grads_p = _gpt_main_grads(p, groups, False, tied)
+        out[name] = {
+            "fused_params": fused_f, "plain_fused_params": fused_p,
+            "loss_equal": loss_f == loss_p, "num_grads": len(grads_p),
+            "main_grad_rel_err": max(_max_rel(grads_f[n], g) for n, g in grads_p.items()),
+            "grads_nonzero": all(bool(g.abs().sum() > 0) for g in grads_f.values()),
+        }
     return out

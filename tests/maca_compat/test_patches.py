@@ -590,10 +590,13 @@ def test_grad_accum_fusion(probes: ProbeRunner, entry: str):
     for name, err in r["bf16_vs_fp64"].items():
         assert err["fused"] < 1e-6 and err["plain"] > 1e-4 and err["fused"] < err["plain"], (
             name, err)
-    # Whole tiny GPT under megatron DDP, two micro-batches: same loss and main grads.
-    assert r["gpt_fused_params"] >= 8 and r["gpt_plain_fused_params"] == 0
-    assert r["gpt_loss_equal"] and r["gpt_grads_nonzero"] and r["gpt_num_grads"] > 10
-    assert r["gpt_main_grad_rel_err"] < 1e-6
+    # Whole tiny GPT under megatron DDP, two micro-batches: same loss and main grads, also with
+    # the embedding tied to the output layer (its main_grad gets both layers' gradients).
+    for gpt in (r["gpt"], r["gpt_tied"]):
+        assert gpt["fused_params"] >= 8 and gpt["plain_fused_params"] == 0, gpt
+        assert gpt["loss_equal"] and gpt["grads_nonzero"] and gpt["num_grads"] > 10, gpt
+        assert gpt["main_grad_rel_err"] < 1e-6, gpt
+    assert r["gpt_tied"]["num_grads"] == r["gpt"]["num_grads"] - 1  # one weight fewer
 
 
 # --------------------------------------------------------------------------- sbtrain's guards
