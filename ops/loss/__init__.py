@@ -17,7 +17,8 @@ forces one):
 
 - ``triton`` (``ops.loss.fused`` + ``ops.loss.kernels``, GPUs: CUDA and MetaX): the logits stay in
   the inputs' dtype; fp32 logsumexp/loss in one kernel, the gradient written over the logits in
-  place by another. One chunk's bf16 logits are the only ``[chunk, V]`` tensor.
+  place by another. One chunk's bf16 logits are the only ``[chunk, V]`` tensor; when all tokens
+  fit in one chunk they are kept for backward instead of recomputed (3 GEMMs, as Megatron).
 - ``torch_chunked`` (``ops.loss.chunked``, the reference backend, every device): the same steps in
   plain torch, with an fp32 copy of each chunk's logits.
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import ops.loss
-from sbtrain.config import ConfigError, load_config
+from sbtrain.config import ConfigError, load_config, validate
 from sbtrain.config.schema import LOSS_CHUNK_AUTO_TOKENS, TrainConfig
 from sbtrain.convert.session import one_process_model
 from sbtrain.trainer import _forward_step
@@ -110,8 +110,6 @@ def test_bad_values_name_the_key(tmp_path, value, message):
 
 
 def test_explicit_chunk_needs_tp1_but_auto_does_not(tmp_path):
-    from sbtrain.config import validate
-
     path = tmp_path / "run.yaml"
     for value, ok in (("auto", True), (0, True), (4096, False)):
         path.write_text(yaml.safe_dump({"train": {"loss_chunk_tokens": value}, "parallel": {"tp": 2}}))

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from maca_compat.fused_optim import cuda_wgrad_route
 from ops.loss import IGNORE_INDEX, linear_cross_entropy, reference_linear_cross_entropy
-from tests.ops.test_loss import loss_and_grads, make_problem, rel_rms
+from tests.ops.test_loss import OpCounter, loss_and_grads, make_problem, rel_rms
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,6 +66,15 @@ for dtype in (torch.float32, torch.bfloat16):
                     dh=rel_rms(dh, rdh), dw=rel_rms(dw, rdw), torch_dh=rel_rms(dh, tdh), torch_dw=rel_rms(dw, tdw),
                     ignored_zero=bool((loss[labels == IGNORE_INDEX] == 0).all()),
                     dtypes_ok=(loss.dtype, dh.dtype, dw.dtype) == (torch.float32, dtype, dtype)))
+# one chunk: forward keeps the logits and backward consumes them; a second backward recomputes
+hidden, weight, labels, grad_out = make_problem(7, 3, 16, 301, torch.float32, seed=12)
+ref, ref_grads = loss_and_grads(reference_linear_cross_entropy, hidden, weight, labels, grad_out)
+loss = fused(hidden, weight, labels, chunk_tokens=64)
+first = torch.autograd.grad(loss, (hidden, weight), grad_out, retain_graph=True)
+second = torch.autograd.grad(loss, (hidden, weight), grad_out)
+out.append(dict(case="one chunk", loss=(loss - ref).abs().max().item(),
+                grads=max(rel_rms(a, b) for a, b in zip(first, ref_grads)),
+                again=max(rel_rms(a, b) for a, b in zip(second, ref_grads))))
 # the gradient kernel element by element, in bf16: within one bf16 rounding of the fp32 value
 gen = torch.Generator().manual_seed(0)
 z = (torch.randn(5, 301, generator=gen) * 3).bfloat16()
@@ -86,8 +96,9 @@ def test_triton_kernels_in_interpreter():
     proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    *results, kernel = json.loads(proc.stdout.strip().splitlines()[-1])
+    *results, one_chunk, kernel = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == 2
+    assert one_chunk["loss"] < 1e-5 and one_chunk["grads"] < 1e-5 and one_chunk["again"] < 1e-5, one_chunk
     for r in results:
         assert r["ignored_zero"] and r["dtypes_ok"], r
         assert r["loss"] < 1e-5 and r["torch_loss"] < 1e-5, r
@@ -136,6 +147,20 @@ def test_triton_backend_matches_reference(dtype: torch.dtype, chunk: int, ignore
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("chunk, gemms", [(111, 3), (50, 4 * 3)], ids=["one-chunk", "three-chunks"])
+def test_triton_backend_recomputes_only_with_several_chunks(chunk: int, gemms: int):
+    # one chunk: forward's logits are kept (3 GEMMs, as Megatron); several: each is recomputed
+    cuda_wgrad_route()  # probed (with its own GEMMs) once per process: not inside the count
+    hidden, weight, labels, grad_out = gpu_problem(torch.bfloat16, seed=4, ignore=False)
+    with OpCounter() as counter:
+        loss, grads = loss_and_grads(linear_cross_entropy, hidden, weight, labels, grad_out, chunk_tokens=chunk)
+    assert counter.gemms() == gemms
+    ref, ref_grads = loss_and_grads(reference_linear_cross_entropy, hidden, weight, labels, grad_out)
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=1e-2)
+    assert all(rel_rms(a, b) < 1e-2 for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.gpu
 def test_triton_backend_matches_torch_backend_bf16(monkeypatch: pytest.MonkeyPatch):
     # same bf16 GEMMs on both backends: only the softmax kernels and the fp32 sums differ
     hidden, weight, labels, grad_out = gpu_problem(torch.bfloat16, seed=3, ignore=True)
@@ -148,8 +173,6 @@ def test_triton_backend_matches_torch_backend_bf16(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.gpu
 def test_weight_grad_sum_is_fp32_on_cuda():
-    from maca_compat.fused_optim import cuda_wgrad_route
-
     if torch.version.cuda is None:
         pytest.skip("an fp32-output GEMM is only expected on CUDA builds; MetaX may upcast")
     assert cuda_wgrad_route() != "upcast"
