@@ -175,17 +175,19 @@ def grouped_experts_transient_bytes(cfg: RunConfig, weight_bytes: float) -> floa
 
 
 def _logits_bytes(cfg: RunConfig, act_bytes: float) -> float:
-    """Logits of one micro-batch: all of them, or with ``train.loss_chunk_tokens`` one chunk
-    (in the activation dtype, an fp32 copy and its fp32 gradient: the torch backend of
-    ``ops.loss``, an upper bound for its Triton backend, which keeps only the first) plus the
-    fp32 accumulator of the output weight's gradient. ``auto`` is resolved as on a GPU."""
+    """Logits of one micro-batch: all of them (Megatron's loss), or with
+    ``train.loss_chunk_tokens`` (``auto`` resolved as on a GPU) what ``ops.loss``'s Triton
+    backend, the GPU default, holds: one chunk's logits in the activation dtype (kept from
+    forward to backward when the micro-batch is one chunk, then overwritten by their gradient),
+    the fp32 sum of the output weight's gradient and its cast to the activation dtype. (The torch
+    backend, without Triton, also holds each chunk's fp32 copy and fp32 gradient.)"""
     model, p = cfg.model, cfg.parallel
     logit_tokens = cfg.train.seq_length * cfg.train.micro_batch_size / p.sp
     chunk = cfg.train.resolved_loss_chunk_tokens(p.tp, "cuda")
     if not chunk:
         return logit_tokens * model.vocab_size / p.tp * (act_bytes + LOGITS_EXTRA_BYTES)
-    return (min(chunk, logit_tokens) * model.vocab_size * (act_bytes + 2 * LOGITS_EXTRA_BYTES)
-            + model.vocab_size * model.hidden_size * 4)
+    return (min(chunk, logit_tokens) * model.vocab_size * act_bytes
+            + model.vocab_size * model.hidden_size * (FP32_BYTES + act_bytes))
 
 
 def _stage_estimate(cfg: RunConfig, stage: int, dp: int, nbytes: Bytes) -> dict:
