@@ -25,6 +25,14 @@ PIPE_SYMBOL = "|"
 CATCHABLE_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
 
 
+def check_at_least(section: object, prefix: str, minimum: int, names: tuple[str, ...]) -> None:
+    """Each named field of ``section`` must be >= ``minimum`` (counts, sizes, intervals)."""
+    for name in names:
+        value = getattr(section, name)
+        if value < minimum:
+            raise ConfigError(f"must be >= {minimum}, got {value}", key=f"{prefix}.{name}")
+
+
 def parse_pattern(pattern: str) -> list[tuple[str, str]]:
     """Split a layer pattern such as ``"L-W-|L-WE"`` into (mixer, ffn) pairs.
 
@@ -133,6 +141,12 @@ class ModelConfig:
     hybrid: HybridConfig = field(default_factory=HybridConfig)
 
     def __post_init__(self) -> None:
+        check_at_least(self, "model", 1, ("hidden_size", "num_attention_heads",
+                                          "num_query_groups", "ffn_hidden_size", "vocab_size",
+                                          "max_position_embeddings", "sliding_window"))
+        check_at_least(self, "model", 0, ("head_dim",))
+        if not self.norm_eps > 0 or not self.init_method_std > 0:
+            raise ConfigError("norm_eps and init_method_std must be > 0", key="model.norm_eps")
         try:
             layers = parse_pattern(self.pattern)
         except ValueError as exc:
@@ -248,9 +262,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"unknown precision {self.precision!r}", key="train.precision")
-        for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters"):
-            if getattr(self, name) < 1:
-                raise ConfigError("must be >= 1", key=f"train.{name}")
+        check_at_least(self, "train", 1, ("seq_length", "micro_batch_size", "global_batch_size",
+                                          "train_iters", "log_interval", "eval_iters"))
+        check_at_least(self, "train", 0, ("eval_interval", "exit_at_step"))
         if isinstance(self.loss_chunk_tokens, str) and self.loss_chunk_tokens != "auto":
             raise ConfigError(f"expected auto or an int >= 0, got {self.loss_chunk_tokens!r}",
                               key="train.loss_chunk_tokens")
@@ -278,7 +292,6 @@ class TrainConfig:
                                   "SIGUSR1, SIGUSR2, SIGINT", key="train.exit_signals")
 
 
-
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay."""
@@ -298,6 +311,14 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError("need 0 <= min_lr <= lr and lr > 0", key="optim.lr")
+        check_at_least(self, "optim", 0, ("warmup_iters", "decay_iters", "weight_decay",
+                                          "clip_grad"))
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"need 0 <= {name} < 1, got {getattr(self, name)}",
+                                  key=f"optim.{name}")
+        if not self.adam_eps > 0:
+            raise ConfigError("must be > 0", key="optim.adam_eps")
 
 
 @dataclass
@@ -344,6 +365,9 @@ class CheckpointConfig:
     loaded weights-only at step 0 under any layout; a relaunch resumes from save_dir instead."""
     keep_last: int = 0
     """Delete older checkpoints beyond this many; 0 keeps all."""
+
+    def __post_init__(self) -> None:
+        check_at_least(self, "checkpoint", 0, ("save_interval", "keep_last"))
 
 
 @dataclass

@@ -12,6 +12,7 @@ def validate(cfg: RunConfig, world_size: int, source: str = "") -> None:
         _check_parallel(cfg, world_size)
         _check_batch(cfg, world_size)
         _check_model(cfg)
+        _check_split(cfg)
         _check_spiking(cfg)
     except ConfigError as exc:
         raise exc.with_source(source) if source else exc from None
@@ -86,6 +87,22 @@ def _check_batch(cfg: RunConfig, world_size: int) -> None:
     if cfg.train.global_batch_size % per_step:
         raise ConfigError(f"global_batch_size {cfg.train.global_batch_size} is not a multiple of "
                           f"micro_batch_size*dp = {per_step}", key="train.global_batch_size")
+
+
+def _check_split(cfg: RunConfig) -> None:
+    """``data.split`` is ``train,valid,test`` weights; evaluation needs a validation share."""
+    try:
+        weights = [float(x) for x in cfg.data.split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated weights such as 98,2,0, got "
+                          f"{cfg.data.split!r}", key="data.split") from None
+    if len(weights) > 3 or min(weights) < 0 or not sum(weights) > 0:
+        raise ConfigError(f"expected up to three non-negative weights train,valid,test, got "
+                          f"{cfg.data.split!r}", key="data.split")
+    valid = weights[1] if len(weights) > 1 else 0.0  # Megatron pads missing weights with 0
+    if cfg.data.kind == "indexed" and cfg.train.eval_interval and valid == 0:
+        raise ConfigError("evaluation is on (train.eval_interval) but the split gives the "
+                          "validation part nothing", key="data.split")
 
 
 def _check_model(cfg: RunConfig) -> None:
