@@ -199,6 +199,41 @@ def _pin_adam_impl() -> list:
     return undo
 
 
+def _ep1_counts_on_device(original: Any) -> Any:
+    """MoEAlltoAllTokenDispatcher.preprocess: with no expert/tensor parallelism and no token
+    dropping, skip the device-to-host copy of the counts and the host sync waiting for it."""
+
+    @functools.wraps(original)
+    def preprocess(self, routing_map):
+        # preprocess asserts dtoh point <= sync point; give it back the point set in __init__.
+        self.cuda_dtoh_point = self.__dict__.setdefault("_sb_dtoh_point", self.cuda_dtoh_point)
+        result = original(self, routing_map)
+        c = self.config
+        if (self.ep_size * self.tp_size == 1 and not self.drop_and_pad
+                and c.moe_expert_capacity_factor is None
+                and not c.moe_router_padding_for_quantization):
+            # "no_sync" matches no point: counts and split sizes stay on the device.
+            self.cuda_dtoh_point = self.cuda_sync_point = "no_sync"
+        return result
+
+    return preprocess
+
+
+def _skip_identity_sort(original: Any) -> Any:
+    """token_dispatcher.sort_chunks_by_idxs: an identity order (EP1·TP1) returns the input
+    unchanged instead of splitting by sizes read on the host (``split_sizes.tolist()``)."""
+
+    @functools.wraps(original)
+    def sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs=None, fused=False):
+        # sorted_idxs lives on the host unless fused (permute_idx_device), so no sync here.
+        if not fused and sorted_idxs.device.type == "cpu" and torch.equal(
+                sorted_idxs, torch.arange(sorted_idxs.numel(), dtype=sorted_idxs.dtype)):
+            return input, probs
+        return original(input, split_sizes, sorted_idxs, probs=probs, fused=fused)
+
+    return sort_chunks_by_idxs
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         name="rng_tracker",
@@ -363,6 +398,21 @@ PATCHES: tuple[Patch, ...] = (
                           WGRAD_ACCUM)()
         ),
         test="test_grad_accum_fusion",
+    ),
+    Patch(
+        name="moe_ep1_counts_on_device",
+        reason="Speed: at EP1·TP1 the alltoall dispatcher still copies tokens_per_expert to "
+        "the host and waits for it (token_dispatcher.py:948-950, before_permutation_2) to "
+        "sort chunks whose order is the identity (moe_utils.py:607 split_sizes.tolist()). "
+        "Skipping both keeps the counts on the device; GroupedExperts then needs no sync.",
+        platforms=ALL,
+        apply=lambda: (
+            _replace(_MC + "transformer.moe.token_dispatcher",
+                     "MoEAlltoAllTokenDispatcher.preprocess", _ep1_counts_on_device)()
+            + _replace(_MC + "transformer.moe.token_dispatcher", "sort_chunks_by_idxs",
+                       _skip_identity_sort)()
+        ),
+        test="test_moe_ep1_counts_on_device",
     ),
 )
 

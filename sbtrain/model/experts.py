@@ -19,6 +19,10 @@ once equals spiking each expert's rows apart; fc1's input uses the experts' neur
 input its row-parallel (TP-summed) variant, exactly as the spiking linears do. While a
 firing recorder is active the per-expert path runs instead, so each expert linear's spikes
 stay attributed to its own site.
+
+Caveat: Megatron DDP's ``overlap_param_gather`` waits for a module's parameters in that
+module's forward pre-hook, and the expert linears' forwards are not called here; sbtrain
+builds DDP without it (``trainer_setup``). Enabling it needs a wait for the experts' params.
 """
 
 from __future__ import annotations

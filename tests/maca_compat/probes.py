@@ -599,6 +599,40 @@ def _in_optim_probes(name: str):
     return run
 
 
+def probe_moe_ep1_host_reads(args) -> dict:
+    """EP1 MoE forward + backward (alltoall dispatcher): the host reads of counts / split sizes
+    the dispatcher makes (copies handed to maybe_move_tensor_to_cpu, ``tolist()`` calls in
+    moe_utils), and the loss and gradients, so a test can compare with and without the entry."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    groups = init_groups()
+    seed_all()
+    model, _ = build_gpt(groups, pattern="*E")
+    counts = {"dtoh_copies": 0, "moe_utils_tolist": 0}
+    to_cpu = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def counting_to_cpu(tensor, *a, **kw):
+        counts["dtoh_copies"] += isinstance(tensor, torch.Tensor)
+        return to_cpu(tensor, *a, **kw)
+
+    tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        counts["moe_utils_tolist"] += sys._getframe(1).f_code.co_filename.endswith("moe_utils.py")
+        return tolist(self)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = counting_to_cpu
+    torch.Tensor.tolist = counting_tolist
+    try:
+        loss = lm_loss(model, make_batch(100))
+        loss.backward()
+    finally:
+        token_dispatcher.maybe_move_tensor_to_cpu = to_cpu
+        torch.Tensor.tolist = tolist
+    grads = {n: p.grad.double().sum().item() for n, p in model.named_parameters() if p.grad is not None}
+    return {**counts, "loss": loss.item(), "grad_sums": grads}
+
+
 NO_APPLY = {"revert_identity", "import_is_inert"}
 
 PROBES = {
@@ -612,6 +646,7 @@ PROBES = {
     "import_is_inert": probe_import_is_inert,
     "fused_optim": _in_optim_probes("probe_fused_optim"),
     "wgrad_fusion": _in_optim_probes("probe_wgrad_fusion"),
+    "moe_ep1": probe_moe_ep1_host_reads,
 }
 
 

@@ -51,6 +51,7 @@ PROBE_NPROC = {
     "import_is_inert": 1,
     "fused_optim": 1,
     "wgrad_fusion": 1,
+    "moe_ep1": 1,
 }
 
 # test function -> the probe it runs
@@ -65,6 +66,7 @@ TEST_PROBE = {
     "test_platform_adam": "fused_optim",
     "test_foreach_grad_norm_and_scale": "fused_optim",
     "test_grad_accum_fusion": "wgrad_fusion",
+    "test_moe_ep1_counts_on_device": "moe_ep1",
 }
 
 # entry -> (the stock error, (file under megatron/core, function) of the frame that raises it)
@@ -95,7 +97,8 @@ STOCK_FAILURES = {
 }
 # Entries for speed: stock code works without them. Their tests show the stock behaviour the
 # entry replaces (with the entry reverted) and equal numbers with it applied.
-STOCK_BEHAVIOUR = ("platform_adam", "foreach_grad_norm", "foreach_multi_tensor_scale")
+STOCK_BEHAVIOUR = ("platform_adam", "foreach_grad_norm", "foreach_multi_tensor_scale",
+                   "moe_ep1_counts_on_device")
 
 # Entries made of several rebindings: undoing one part (with the entry otherwise applied)
 # shows that part is needed too. entry -> [(MODULE:ATTR, stock error, raising frame)].
@@ -627,3 +630,16 @@ def test_materialize_optimizer_state_guard(probes: ProbeRunner):
     assert error.startswith("AssertionError"), error
     assert "optimizer/distrib_optimizer.py" in error and "assert len(steps) == 1" in error
     assert r["loaded_step"] == 1  # load_checkpoint, which materializes first, works
+
+
+@pytest.mark.parametrize("entry", entries_for("test_moe_ep1_counts_on_device"))
+def test_moe_ep1_counts_on_device(probes: ProbeRunner, entry: str):
+    """Stock EP1 copies the counts and split sizes to the host and splits by host sizes;
+    with the entry neither happens, and the loss and every gradient are bit-identical."""
+    stock = probes.get("moe_ep1", without=entry).result
+    r = probes.get("moe_ep1").result
+    assert stock["dtoh_copies"] >= 2 and stock["moe_utils_tolist"] >= 2, stock
+    assert r["dtoh_copies"] == 0 and r["moe_utils_tolist"] == 0, r
+    assert r["loss"] == stock["loss"]
+    assert r["grad_sums"] == stock["grad_sums"] and len(r["grad_sums"]) > 10
+    assert any("local_experts" in n and v != 0 for n, v in r["grad_sums"].items())
