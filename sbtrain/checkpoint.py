@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sbtrain.errors import CheckpointError, CheckpointNotFound
+
 # The default distributed-optimizer format ("fully_sharded_model_space") raises on save in
 # megatron-core 0.19.2; "fully_reshardable" saves and loads under any DP/TP/PP layout.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -35,7 +37,7 @@ def latest_step(load_dir: str | Path) -> int | None:
         return None
     text = marker.read_text().strip()
     if not text.isdigit() or not checkpoint_dir(load_dir, int(text)).is_dir():
-        raise RuntimeError(f"{marker} names step {text!r}, which has no complete checkpoint dir")
+        raise CheckpointError(f"{marker} names step {text!r}, which has no complete checkpoint dir")
     return int(text)
 
 
@@ -106,7 +108,7 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, step: int
 
     step = latest_step(load_dir) if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {load_dir} (missing '{LATEST}')")
+        raise CheckpointNotFound(f"no complete checkpoint in {load_dir} (missing '{LATEST}')")
     directory = checkpoint_dir(load_dir, step)
     if optimizer is not None:
         materialize_optimizer_state(optimizer)
@@ -145,7 +147,7 @@ def check_optimizer_layout(directory: str | Path, optimizer_state: dict) -> None
     if saved and wanted and _is_chained(saved) != _is_chained(wanted):
         layouts = {True: "separate expert optimizer (expert parallelism > 1)",
                    False: "one optimizer (expert parallelism 1)"}
-        raise RuntimeError(
+        raise CheckpointError(
             f"{directory}: its optimizer state was saved with {layouts[_is_chained(saved)]}, this "
             f"run has {layouts[_is_chained(wanted)]}; megatron-core 0.19.2 cannot reshard MoE "
             "optimizer state between EP1 and EP>1 (its ChainedOptimizer renames the state to "

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sbtrain.errors import KnownCause
+
 # Process exit codes (documented in docs/training.md): 0 also after a signal or time-limit stop.
 EXIT_ERROR = 1
 """A known cause, reported as one ``error: ...`` line."""
@@ -37,11 +39,11 @@ SPIKE_MIN_HISTORY = 10
 """Steps of history before the loss-spike guard can fire (early losses fall fast)."""
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(KnownCause, RuntimeError):
     """Too many consecutive skipped steps; raised on every rank at the same step."""
 
 
-class RunDirectoryLocked(RuntimeError):
+class RunDirectoryLocked(KnownCause, RuntimeError):
     """Another live run holds run_dir or save_dir."""
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 
 from sbtrain.config import ConfigError, load_config, stage_names
+from sbtrain.errors import KnownCause
 from sbtrain.safety import (EXIT_CONFIG, EXIT_DIVERGED, EXIT_ERROR, RunDirectoryLocked,
                             TrainingDiverged)
 
@@ -59,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# Errors every rank raises alike (reported once) and the exit code of each.
-AGREED_ERRORS = {TrainingDiverged: EXIT_DIVERGED, RunDirectoryLocked: EXIT_ERROR}
+# Errors every rank raises alike, from one agreed decision: reported once, by rank 0.
+AGREED_ERRORS = (TrainingDiverged, RunDirectoryLocked)
 
 
 def _train(cfg, source: str, verbose: bool = False) -> int:
@@ -73,12 +74,15 @@ def _train(cfg, source: str, verbose: bool = False) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (TrainingDiverged, RunDirectoryLocked) as exc:
+    except KnownCause as exc:
         if verbose:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return AGREED_ERRORS[type(exc)]
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0 or not isinstance(exc, AGREED_ERRORS):
+            # a data or checkpoint error may be one rank's own: each rank says it
+            print(f"error: {exc}" if rank == 0 else f"error (rank {rank}): {exc}",
+                  file=sys.stderr, flush=True)
+        return EXIT_DIVERGED if isinstance(exc, TrainingDiverged) else EXIT_ERROR
     return 0
 
 

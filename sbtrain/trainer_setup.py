@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from sbtrain.config import RunConfig, validate
+from sbtrain.errors import CheckpointNotFound
 
 
 @dataclasses.dataclass
@@ -148,7 +149,8 @@ def _maybe_resume(cfg: RunConfig, model, optimizer, scheduler) -> int:
     load_dir = ck.load_dir or ck.save_dir
     if not load_dir or latest_step(load_dir) is None:
         if ck.load_dir:
-            raise FileNotFoundError(f"checkpoint.load_dir {ck.load_dir} has no complete checkpoint")
+            raise CheckpointNotFound(f"checkpoint.load_dir {ck.load_dir} has no complete "
+                                     "checkpoint")
         if ck.pretrained:
             load_checkpoint(ck.pretrained, model, None, None)
         return 0

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from sbtrain.config.errors import ConfigError
+from sbtrain.errors import DataError, DataFileNotFound
 
 if TYPE_CHECKING:
     from sbtrain.config.schema import RunConfig
@@ -100,12 +101,12 @@ def check_indexed_prefix(prefix: str) -> IndexedInfo:
         hint = " (data.paths takes the prefix, without .bin/.idx)"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"indexed dataset file not found: {path}{hint}")
+            raise DataFileNotFound(f"indexed dataset file not found: {path}{hint}")
     _check_idx_layout(idx_path)
     try:
         dataset = IndexedDataset(prefix, mmap=True)
     except Exception as exc:  # megatron signals bad files via assert/ValueError/...
-        raise ValueError(f"{idx_path}: corrupt or truncated index file: "
+        raise DataError(f"{idx_path}: corrupt or truncated index file: "
                          f"{_describe_index_error(exc)}") from None
     lengths = dataset.sequence_lengths
     info = IndexedInfo(prefix=prefix, sequences=len(lengths),
@@ -115,11 +116,11 @@ def check_indexed_prefix(prefix: str) -> IndexedInfo:
     expected_bytes = info.tokens * np.dtype(dataset.index.dtype).itemsize
     del dataset
     if os.path.getsize(bin_path) != expected_bytes:
-        raise ValueError(f"{bin_path}: holds {os.path.getsize(bin_path)} bytes but {idx_path} "
+        raise DataError(f"{bin_path}: holds {os.path.getsize(bin_path)} bytes but {idx_path} "
                          f"describes {expected_bytes} ({info.tokens} {info.dtype} tokens); the "
                          f"pair is truncated or mismatched")
     if info.sequences == 0 or info.tokens == 0:
-        raise ValueError(f"{idx_path}: the dataset is empty")
+        raise DataError(f"{idx_path}: the dataset is empty")
     return info
 
 
@@ -134,19 +135,19 @@ def _check_idx_layout(idx_path: str) -> None:
     failures get precise messages (and megatron's half-built reader is never created)."""
     size = os.path.getsize(idx_path)
     if size == 0:
-        raise ValueError(f"{idx_path}: empty index file")
+        raise DataError(f"{idx_path}: empty index file")
     with open(idx_path, "rb") as f:
         head = f.read(_IDX_HEADER.size)
     if head[:len(_IDX_MAGIC)] != _IDX_MAGIC:
-        raise ValueError(f"{idx_path}: not a Megatron .idx file (bad header)")
+        raise DataError(f"{idx_path}: not a Megatron .idx file (bad header)")
     if len(head) < _IDX_HEADER.size:
-        raise ValueError(f"{idx_path}: truncated index file ({size} bytes, header incomplete)")
+        raise DataError(f"{idx_path}: truncated index file ({size} bytes, header incomplete)")
     _, version, _, sequences, documents = _IDX_HEADER.unpack(head)
     if version != 1:
-        raise ValueError(f"{idx_path}: unsupported .idx version {version}")
+        raise DataError(f"{idx_path}: unsupported .idx version {version}")
     expected = _IDX_HEADER.size + sequences * (4 + 8) + documents * 8
     if size < expected:
-        raise ValueError(f"{idx_path}: truncated index file ({size} bytes; its header "
+        raise DataError(f"{idx_path}: truncated index file ({size} bytes; its header "
                          f"describes {sequences} sequences and {documents - 1} documents, "
                          f"needing {expected})")
 

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from sbtrain.errors import DataError, DataFileNotFound
+
 EOD_TOKEN = "<|endoftext|>"
 """Preferred end-of-document token (GPT-2 / Qwen convention)."""
 
@@ -66,9 +68,9 @@ def load_tokenizer(path: str, eod_token: str | None = None) -> Tokenizer:
         ValueError: the tokenizer cannot be loaded or has no usable end-of-document token.
     """
     if not path:
-        raise FileNotFoundError("no tokenizer path given (set data.tokenizer)")
+        raise DataFileNotFound("no tokenizer path given (set data.tokenizer)")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer not found: {path}")
+        raise DataFileNotFound(f"tokenizer not found: {path}")
     if os.path.isfile(path):
         return _load_tokenizer_json(path, path, eod_token)
     json_path = os.path.join(path, "tokenizer.json")
@@ -83,7 +85,7 @@ def _load_tokenizer_json(json_path: str, path: str, eod_token: str | None) -> To
     try:
         tok = HFTokenizer.from_file(json_path)
     except Exception as exc:  # the Rust side raises a bare Exception on bad files
-        raise ValueError(f"cannot load tokenizer file {json_path}: {exc}") from None
+        raise DataError(f"cannot load tokenizer file {json_path}: {exc}") from None
     declared_eos = _declared_eos(os.path.dirname(json_path))
     token, eod = _pick_eod(tok.token_to_id, eod_token, declared_eos, json_path)
 
@@ -104,7 +106,7 @@ def _load_hf_directory(path: str, eod_token: str | None) -> Tokenizer:
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/... depending on the files
-        raise ValueError(f"directory {path} has no tokenizer.json and transformers cannot load "
+        raise DataError(f"directory {path} has no tokenizer.json and transformers cannot load "
                          f"it as a tokenizer: {exc}") from None
     vocab = tok.get_vocab()
     token, eod = _pick_eod(vocab.get, eod_token, tok.eos_token, path)
@@ -146,4 +148,4 @@ def _pick_eod(token_to_id: Callable[[str], int | None], override: str | None,
         token_id = token_to_id(token)
         if token_id is not None:
             return token, token_id
-    raise ValueError(f"tokenizer {where} has no end-of-document token; tried {list(candidates)}")
+    raise DataError(f"tokenizer {where} has no end-of-document token; tried {list(candidates)}")
