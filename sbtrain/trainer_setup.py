@@ -7,6 +7,7 @@ Megatron DDP -> distributed optimizer + LR schedule -> datasets -> resume -> pro
 from __future__ import annotations
 
 import dataclasses
+import os
 from functools import partial
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from sbtrain.config import RunConfig, validate
 from sbtrain.errors import CheckpointNotFound
+from sbtrain.profiler.recompute import resolve_recompute
 
 
 @dataclasses.dataclass
@@ -55,6 +57,7 @@ def build_train_state(cfg: RunConfig, source: str = "") -> TrainState:
     validate(cfg, world, source)
     groups = init_parallel_groups(p.tp, p.pp, p.sp, p.ep, local_rank, p.timeout_minutes)
     device = platform.device(local_rank)
+    cfg = resolve_recompute_at_start(cfg, world, device, report=groups.rank == 0)
     seed_all(cfg.train.seed)
     dtype = resolve_dtype(cfg.train.precision, platform)
     model, tconfig = _build_wrapped_model(cfg, groups, dtype, device)
@@ -66,6 +69,26 @@ def build_train_state(cfg: RunConfig, source: str = "") -> TrainState:
     Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
     return TrainState(cfg, platform, groups, device, model, optimizer, scheduler, train_ds,
                       valid_ds, tracker, start, dtype)
+
+
+def resolve_recompute_at_start(cfg: RunConfig, world: int, device: torch.device,
+                               report: bool) -> RunConfig:
+    """``train.recompute: auto`` -> the cheapest policy whose memory plan fits this device
+    (``profiler.device_memory_gib`` if set); the choice is printed once (``report``)."""
+    if cfg.train.recompute != "auto":
+        return cfg
+    device_gib = cfg.profiler.device_memory_gib or device_memory_gib(device)
+    cfg, choice = resolve_recompute(cfg, world, device_gib, device.type)
+    if report:
+        print(f"train.recompute auto -> {choice['policy']}: {choice['reason']}", flush=True)
+    return cfg
+
+
+def device_memory_gib(device: torch.device) -> float:
+    """Total memory of ``device`` (CUDA / MACA) or of the host (CPU), in GiB."""
+    if device.type == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return torch.cuda.get_device_properties(device).total_memory / 1024**3
 
 
 def seed_all(seed: int) -> None:

@@ -8,6 +8,8 @@ Every section validates itself in ``__post_init__``; rules that span sections li
 from __future__ import annotations
 
 import signal
+import functools
+import logging
 from dataclasses import dataclass, field
 
 from sbtrain.config.errors import ConfigError
@@ -209,6 +211,33 @@ class ParallelConfig:
         return self.dp or world_size // (self.pp * self.tp * self.sp)
 
 
+RECOMPUTE_POLICIES = {
+    "none": "keep every activation",
+    "selective": "recompute the cores of the GLA / parallel-hybrid mixers",
+    "full": "keep each layer's input, recompute the whole layer in backward",
+    "auto": "the cheapest policy whose memory plan fits the device",
+}
+_RECOMPUTE_ALIASES = {True: "full", False: "none"}
+
+
+def normalize_recompute(value) -> str:
+    """``train.recompute`` as a policy name; the old booleans map to full / none (warned once)."""
+    if isinstance(value, bool):
+        _warn_recompute_alias(value)
+        return _RECOMPUTE_ALIASES[value]
+    if value not in RECOMPUTE_POLICIES:
+        raise ConfigError(f"unknown policy {value!r}; known: {', '.join(RECOMPUTE_POLICIES)}",
+                          key="train.recompute")
+    return value
+
+
+@functools.cache
+def _warn_recompute_alias(value: bool) -> None:
+    logging.getLogger(__name__).warning(
+        "train.recompute: %s is deprecated; write train.recompute: %s",
+        str(value).lower(), _RECOMPUTE_ALIASES[value])
+
+
 LOSS_CHUNK_AUTO_TOKENS = 8192
 """Chunk of ``train.loss_chunk_tokens: auto``: at SpikingBrain's 152K vocabulary one chunk's bf16
 logits are 2.5 GB (Megatron's loss holds the whole logits plus fp32 copies), and the logits GEMMs
@@ -234,8 +263,12 @@ class TrainConfig:
     seed: int = 1234
     precision: str = "auto"
     """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
-    recompute: bool = False
-    """Full activation recomputation of every layer."""
+    recompute: str | bool = "none"
+    """Activation recomputation (``RECOMPUTE_POLICIES``): ``none``; ``selective`` (the cheap,
+    memory-heavy part: the cores of GLA / parallel-hybrid mixers);
+    ``full`` (every layer keeps only its input); ``auto`` (the cheapest policy whose memory
+    plan fits the device, resolved at train start). Booleans are deprecated aliases:
+    true = full, false = none."""
     loss_chunk_tokens: int | str = "auto"
     """How the last stage computes the LM loss. ``auto``: ``ops.loss.linear_cross_entropy`` with
     ``LOSS_CHUNK_AUTO_TOKENS`` tokens per chunk on GPUs when tp == 1 (its Triton backend: bf16
@@ -270,6 +303,7 @@ class TrainConfig:
                               key="train.loss_chunk_tokens")
         if isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens < 0:
             raise ConfigError("must be >= 0 (0: Megatron's unchunked loss)", key="train.loss_chunk_tokens")
+        self.recompute = normalize_recompute(self.recompute)
         self._check_safety()
 
     def resolved_loss_chunk_tokens(self, tp: int, device_type: str) -> int:
@@ -378,6 +412,14 @@ class ProfilerConfig:
     """Dense bf16 peak per device in FLOP/s; 0 means the platform's table value."""
     summary_file: str = "profile.json"
     """Written into the run directory at the end of training."""
+    device_memory_gib: float = 0.0
+    """Device memory ``train.recompute: auto`` plans against; 0 means the device's own size at
+    train start (``sbtrain plan``: the largest ``--device-gib``, else 80)."""
+
+    def __post_init__(self) -> None:
+        if self.device_memory_gib < 0:
+            raise ConfigError("must be >= 0 (0: the device's size)",
+                              key="profiler.device_memory_gib")
 
 
 # spiking.weight_quant value -> INT8 group size along the input dim (0: float weights).

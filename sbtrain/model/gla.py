@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
@@ -98,19 +99,28 @@ class GatedLinearAttention(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **unused) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v, log_decay = self.project(hidden_states)
-        out = self.mix(q, k, v, log_decay, attention_mask)
-        out = self.output_norm(out)
+        qkv, gate = self.project(hidden_states)
+        out = checkpointed(self.config, self.core, qkv, gate, attention_mask)
         seq, batch = hidden_states.shape[:2]
         return self.linear_proj(out.transpose(0, 1).reshape(seq, batch, -1))
 
     def project(self, hidden_states: torch.Tensor):
-        """[s, b, h] -> q [b, s, H, d], k/v/log-decay [b, s, G, d] (local heads)."""
-        seq, batch = hidden_states.shape[:2]
+        """[s, b, h] -> the fused q/k/v projection and the gate's pre-activation [s, b, G*d]."""
         qkv, _ = self.linear_qkv(hidden_states)
-        q, k, v = split_qkv(qkv, self.heads, self.groups, self.head_dim)
         gate_input = hidden_states if self.input_neuron is None else self.input_neuron(hidden_states)
         gate, _ = self.gate_up(self.gate_down(gate_input))
+        return qkv, gate
+
+    def core(self, qkv: torch.Tensor, gate: torch.Tensor, segment_ids: torch.Tensor | None):
+        """Projections -> feature maps, decay, recurrence and output norm, [b, s, H, d]: most of
+        the layer's activations, and what ``train.recompute: selective`` recomputes."""
+        q, k, v, log_decay = self.heads_and_decay(qkv, gate)
+        return self.output_norm(self.mix(q, k, v, log_decay, segment_ids))
+
+    def heads_and_decay(self, qkv: torch.Tensor, gate: torch.Tensor):
+        """-> q [b, s, H, d], k/v/log-decay [b, s, G, d] (local heads)."""
+        seq, batch = qkv.shape[:2]
+        q, k, v = split_qkv(qkv, self.heads, self.groups, self.head_dim)
         log_decay = gate_log_decay(gate, self.gate_normalizer)
         log_decay = log_decay.view(seq, batch, self.groups, self.head_dim)
         q, k = self.feature_map(q), self.feature_map(k)
@@ -123,6 +133,16 @@ class GatedLinearAttention(MegatronModule):
 
     def output_norm(self, out: torch.Tensor) -> torch.Tensor:
         return head_rms_norm(out, self.g_norm_weight, self.norm_eps, self.tp_group)
+
+
+def checkpointed(config, fn, *args):
+    """``fn(*args)``, as a non-reentrant activation checkpoint when ``train.recompute`` is
+    ``selective`` (Megatron granularity ``selective``, see ``megatron_config.recompute_fields``):
+    only the arguments are kept and ``fn`` runs again in backward (same ops, same results).
+    Under ``full`` Megatron already recomputes the whole layer."""
+    if config.recompute_granularity == "selective" and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):

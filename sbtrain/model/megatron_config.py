@@ -15,10 +15,7 @@ def to_megatron_config(cfg: RunConfig, params_dtype: torch.dtype):
 
     m, p = cfg.model, cfg.parallel
     moe = _moe_fields(cfg) if m.has_moe else {}
-    recompute = (
-        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-        if cfg.train.recompute else {}
-    )
+    recompute = recompute_fields(cfg.train.recompute)
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -63,6 +60,30 @@ def to_megatron_config(cfg: RunConfig, params_dtype: torch.dtype):
         **moe,
         **recompute,
     )
+
+
+def recompute_fields(policy: str) -> dict:
+    """TransformerConfig fields of a resolved ``train.recompute`` policy.
+
+    ``full``: every layer keeps only its input (Megatron's uniform full recompute, one layer
+    per checkpoint). ``selective``: granularity ``selective`` with no Megatron module; sbtrain's
+    GLA / parallel-hybrid mixers see it and checkpoint their cores (``gla.checkpointed``).
+    Megatron's modules are left out: ``core_attn`` (SDPA-flash / flex keep only q/k/v, the
+    output and the log-sum-exp, so recomputing the softmax core frees one q-sized tensor for a
+    whole attention forward), ``mlp`` (recomputes both FFN GEMMs, nearly a full layer), and
+    ``layernorm`` / ``moe_act``: megatron-core 0.19.2's ``CheckpointWithoutOutput`` sets
+    ``self.fp8 = fp8 is not None``, so without fp8 it still takes its Transformer-Engine path
+    (NameError: FP8GlobalStateManager); ``moe_act`` also needs grouped GEMM.
+    """
+    if policy == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=1)
+    if policy == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=[])
+    if policy == "none":
+        return {}
+    raise ValueError(f"train.recompute {policy!r} must be resolved to none, selective or full "
+                     "first (sbtrain.profiler.recompute.resolve_recompute)")
 
 
 def _moe_fields(cfg: RunConfig) -> dict:

@@ -32,6 +32,7 @@ from sbtrain.model.core_attention import causal_attention
 from sbtrain.model.gla import (
     ProjectionSubmodules,
     attention_projections,
+    checkpointed,
     head_rms_norm,
     linear_attention,
     local_heads,
@@ -77,7 +78,8 @@ class ParallelHybridAttention(MegatronModule):
                 rotary_pos_emb=None, **unused) -> tuple[torch.Tensor, torch.Tensor | None]:
         seq, batch = hidden_states.shape[:2]
         q, k, v = self._qkv(self.linear_qkv, hidden_states)
-        linear_out = self._linear_branch(q, k, v, attention_mask)
+        # train.recompute: selective keeps only q/k/v here and reruns the branch in backward
+        linear_out = checkpointed(self.config, self._linear_branch, q, k, v, attention_mask)
         if not self.shared_projections:
             q, k, v = self._qkv(self.softmax_branch.linear_qkv, hidden_states)
         softmax_out = self._softmax_branch(q, k, v, attention_mask, rotary_pos_emb)

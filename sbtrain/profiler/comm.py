@@ -15,7 +15,8 @@ K = V = D = kv_channels, one layer and one micro-batch move:
   w = min(window, s) for a sliding window (``W``, the softmax branch of ``H``) and w = s for
   full attention (``*``, the softmax branch of ``F``); backward, one all-reduce of
   ``[P, b, 2 Hkv, w, D]``. With documents also a forward all-gather of ``[b, w]`` int32.
-- ``train.recompute`` runs every forward collective once more in the backward pass.
+- ``train.recompute: full`` runs every forward collective once more in the backward pass,
+  ``selective`` those of the linear branches (``RECOMPUTED_BRANCHES``).
 
 Costs are those of ring algorithms, counted per rank, and every rank sends as many bytes as
 it receives: an all-gather of n bytes per rank sends (P - 1) n; an all-reduce of an m-byte
@@ -38,6 +39,8 @@ from sbtrain.profiler.memory import micro_batches_per_step, resolve_bytes, stage
 ITEMSIZE = {"fp32": 4, "bf16": 2, "int32": 4, "int64": 8}
 MIXER_BRANCHES = {"L": ("linear",), "W": ("window",), "*": ("full",),
                   "H": ("linear", "window"), "F": ("linear", "full")}
+RECOMPUTED_BRANCHES = {"none": (), "selective": ("linear",), "full": ("linear", "window", "full")}
+"""Branches whose forward runs again in backward under each resolved ``train.recompute``."""
 """Branches of each mixer that communicate: the GLA state exchange and the softmax halo."""
 
 
@@ -85,10 +88,10 @@ def _softmax_collectives(cfg: RunConfig, sp: int, kv_heads: int, width: int,
     return out
 
 
-def _totals(collectives: list[dict], recompute: bool) -> dict:
+def _totals(collectives: list[dict], recomputed: list[dict]) -> dict:
     forward = sum(c["bytes"] for c in collectives if c["phase"] == "forward")
     backward = sum(c["bytes"] for c in collectives if c["phase"] == "backward")
-    again = forward if recompute else 0
+    again = sum(c["bytes"] for c in recomputed if c["phase"] == "forward")
     return {"forward_bytes": forward, "backward_bytes": backward, "recompute_bytes": again,
             "total_bytes": forward + backward + again}
 
@@ -101,7 +104,7 @@ def _ulysses(cfg: RunConfig, sp: int, slice_tokens: int, act_bytes: int,
     per_head = cfg.train.micro_batch_size * slice_tokens * model.kv_channels * act_bytes
     # q and the output have H heads, k and v Hkv; each all-to-all keeps 1/P of its tensor
     forward = Fraction((sp - 1) * (2 * heads + 2 * kv_heads) * per_head, sp)
-    again = forward if cfg.train.recompute else Fraction(0)
+    again = forward if "full" in RECOMPUTED_BRANCHES[cfg.train.recompute] else Fraction(0)
     total = 2 * forward + again
     per_layer = {"forward_bytes": _exact(forward), "backward_bytes": _exact(forward),
                  "recompute_bytes": _exact(again), "total_bytes": _exact(total)}
@@ -137,10 +140,13 @@ def sp_comm_per_rank(cfg: RunConfig, world_size: int, device_type: str = "cuda")
         "full": _softmax_collectives(cfg, sp, kv_heads, slice_tokens, act_bytes),
     }
     mixers = [mixer for mixer, _ in cfg.model.layers]
+    again = RECOMPUTED_BRANCHES[train.recompute]
     layers = {}
     for mixer in dict.fromkeys(mixers):
         collectives = [c for branch in MIXER_BRANCHES[mixer] for c in branches[branch]]
-        layers[mixer] = {"count": mixers.count(mixer), **_totals(collectives, train.recompute),
+        repeated = [c for branch in MIXER_BRANCHES[mixer] if branch in again
+                    for c in branches[branch]]
+        layers[mixer] = {"count": mixers.count(mixer), **_totals(collectives, repeated),
                          "collectives": collectives}
     dp = max(1, p.resolved_dp(world_size))
     micro_batches = micro_batches_per_step(cfg, dp)
@@ -151,8 +157,8 @@ def sp_comm_per_rank(cfg: RunConfig, world_size: int, device_type: str = "cuda")
                        "bytes_per_step": per_mb * micro_batches})
     worst = max(stages, key=lambda s: s["bytes_per_step"])
     softmax_kinds = {kind for mixer in layers for kind in MIXER_BRANCHES[mixer]} - {"linear"}
-    halo = {kind: _totals(branches[kind], train.recompute) for kind in ("window", "full")
-            if kind in softmax_kinds}
+    halo = {kind: _totals(branches[kind], branches[kind] if kind in again else [])
+            for kind in ("window", "full") if kind in softmax_kinds}
     return {
         "enabled": True, "sp": sp, "seq_length": train.seq_length, "slice_tokens": slice_tokens,
         "micro_batch_size": train.micro_batch_size, "kv_heads": kv_heads,

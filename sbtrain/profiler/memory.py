@@ -19,7 +19,7 @@ group: dp * sp for dense parameters, dp * sp / ep for experts (expert-data-paral
 Transient buffers (fp32 main-grad shard, communication buckets), the CUDA context and
 allocator fragmentation are not included: keep a margin of a few GiB.
 
-Activations: see ``activation_elements_per_token``; a micro-batch of b sequences holds
+Activations: see ``activation_bytes_per_token``; a micro-batch of b sequences holds
 ``S * b / sp`` tokens per rank. Under 1F1B stage i (0-based) holds ``min(pp - i, m)``
 micro-batches in flight (m = micro-batches per step), so the first stage holds pp.
 """
@@ -33,7 +33,9 @@ from sbtrain.profiler.counting import EXPERT, REPLICATED, TP, expert_width, laye
 
 GIB = 1024**3
 GLA_CHUNK = 64
-"""Chunk size of fla's chunk_gla; it saves one d_k x d_v state per chunk and head."""
+"""Chunk size of fla's chunk_gla; it saves a GLA_CHUNK-wide fp32 intra-chunk matrix per token
+and head (the states are recomputed in its backward)."""
+FP32_BYTES = 4
 LOGITS_EXTRA_BYTES = 4
 """Megatron's vocab-parallel cross entropy keeps an fp32 copy of the logits for backward."""
 
@@ -62,32 +64,41 @@ def resolve_bytes(precision: str, device_type: str = "cuda", bytes_per_param: fl
     return Bytes(param=param, grad=grad, optimizer=optimizer, activation=2 if half else 4)
 
 
-def activation_elements_per_token(model: ModelConfig, mixer: str, ffn: str) -> dict[str, float]:
-    """Activation elements one layer stores per token for backward (flash-style attention).
+def activation_bytes_per_token(model: ModelConfig, mixer: str, ffn: str, policy: str,
+                               act_bytes: float) -> dict[str, float]:
+    """Bytes one layer keeps per token for backward, under ``none`` or ``selective``.
 
-    A generalisation of Korthikanti et al. 2022 ("Reducing Activation Recomputation", 34*s*b*h
-    bytes per GPT layer) to GQA, SwiGLU, no dropout and score-free fused attention (no
-    5*a*s/h term). With q = n_h*d, kv = n_g*d, F_e = expert width:
+    What autograd saves on the GPU path (bf16: a = 2 bytes, fp32 tensors f = 4), with
+    q = n_h*d, kv = n_g*d, r = gla.gate_rank, F = FFN width (Korthikanti et al. 2022 redone
+    for GQA, SwiGLU, no dropout and flash-style attention: no S x S scores):
 
-    - ``common`` (two RMSNorms, input and output each): 4h
-    - mixer projections: q + 2kv (q/k/v outputs), plus
-      ``*``/``W``: q (attention output = o_proj input);
-      ``L``: r + kv (gate factors) + 2q (kernel output, g_norm output) + n_h*d^2/64 (chunk states);
-      ``H``/``F``: q + kv (second feature map of q, k) + 3q (two branch outputs, their normed
-      sum) + n_h*d^2/64;
-    - ``-``: 3F (gate output, up output, their product = down_proj input);
-    - ``E``: E (router) + k*(2h + 3F_e) (permuted input and output, expert FFN) + 3F (shared).
+    - ``common``: both RMSNorms keep their input and the next projection their output, 4h;
+    - ``*``/``W``: the fused q/k/v output (alive through v), RoPE'd q and k, the attention
+      output, (3q + 3kv) a, plus the fp32 log-sum-exp n_h f; the same under ``selective``;
+    - ``L``: relu'd q and k, the gate (bf16, kept by ``ops.gla_gate``), its low-rank input,
+      k/v repeated to n_h heads for fla, the kernel output (kept by ``ops.rmsnorm``), the norm
+      output, (5q + 2kv + r) a; fla's ``chunk_gla`` adds the fp32 cumulative gate (q f) and
+      intra-chunk matrix (64 n_h f). ``selective`` keeps the q/k/v output, the gate and its
+      input and the core's output, (2q + 3kv + r) a, and reruns the core in backward;
+    - ``H``/``F``: both branches: (8q + 4kv) a + the fla terms + the log-sum-exp;
+      ``selective`` reruns the linear branch: (4q + 3kv) a + n_h f;
+    - ``-``: fc1's output (``ops.swiglu`` keeps only that) and the SwiGLU product, 3F a;
+    - ``E``: router logits E + k*(2h + 3F_e) (permuted input and output, expert FFN) + 3F
+      (shared expert).
 
     Returns ``common`` (split over tp only with sequence parallelism) and ``tp_split``.
     """
-    h, d = model.hidden_size, model.kv_channels
-    q, kv = model.num_attention_heads * d, model.num_query_groups * d
-    states = model.num_attention_heads * d * d / GLA_CHUNK
-    mixer_extra = {
-        "*": q, "W": q,
-        "L": 16 + kv + 2 * q + states,
-        "H": q + kv + 3 * q + states,
-        "F": q + kv + 3 * q + states,
+    h, d, heads = model.hidden_size, model.kv_channels, model.num_attention_heads
+    q, kv, rank = heads * d, model.num_query_groups * d, model.gla.gate_rank
+    a, lse = act_bytes, heads * FP32_BYTES
+    fla = (q + GLA_CHUNK * heads) * FP32_BYTES
+    selective = policy == "selective"
+    softmax = (3 * q + 3 * kv) * a + lse
+    hybrid = (4 * q + 3 * kv) * a + lse if selective else (8 * q + 4 * kv) * a + fla + lse
+    mixer_bytes = {
+        "*": softmax, "W": softmax,
+        "L": (2 * q + 3 * kv + rank) * a if selective else (5 * q + 2 * kv + rank) * a + fla,
+        "H": hybrid, "F": hybrid,
     }[mixer]
     if ffn == "-":
         ffn_elems = 3 * model.ffn_hidden_size
@@ -95,7 +106,7 @@ def activation_elements_per_token(model: ModelConfig, mixer: str, ffn: str) -> d
         moe = model.moe
         ffn_elems = moe.num_experts + moe.top_k * (2 * h + 3 * expert_width(model))
         ffn_elems += 3 * model.ffn_hidden_size if moe.shared_expert else 0
-    return {"common": 4 * h, "tp_split": q + 2 * kv + mixer_extra + ffn_elems}
+    return {"common": 4 * h * a, "tp_split": mixer_bytes + ffn_elems * a}
 
 
 def stage_layers(cfg: RunConfig) -> list[list[tuple[str, str]]]:
@@ -132,32 +143,38 @@ def micro_batches_per_step(cfg: RunConfig, dp: int) -> int:
     return max(1, cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp))
 
 
-def stage_activation_bytes(cfg: RunConfig, stage: int, act_bytes: float) -> tuple[float, float]:
+def stage_activation_bytes(cfg: RunConfig, stage: int, act_bytes: float,
+                           policy: str) -> tuple[float, float]:
     """(bytes per in-flight micro-batch, bytes held once) of one rank of ``stage``.
 
-    Without recompute every layer keeps ``activation_elements_per_token``. With full
-    recompute a layer keeps only its input (h per token) and one layer's full set is live
-    while it is recomputed. The last stage adds the logits, S*b/sp * V/tp * (act + 4) bytes,
-    once (its only in-flight micro-batch).
+    ``none``/``selective``: every layer keeps ``activation_bytes_per_token``. ``full``: a layer
+    keeps only its input (h per token) and one layer's ``none`` set is live while it is
+    recomputed. The last stage adds the logits (``_logits_bytes``), once (its only in-flight
+    micro-batch).
     """
     model, p = cfg.model, cfg.parallel
     # every layer also carries the sink tokens' positions (on every sequence-parallel rank;
     # the logits do not)
     tokens = (cfg.train.seq_length / p.sp + model.sink_tokens) * cfg.train.micro_batch_size
     common_split = p.tp if p.sequence_parallel else 1
-    per_layer = []
-    for mixer, ffn in stage_layers(cfg)[stage]:
-        elems = activation_elements_per_token(model, mixer, ffn)
-        per_layer.append(elems["common"] / common_split + elems["tp_split"] / p.tp)
+
+    def per_layer(mixer: str, ffn: str, kept: str) -> float:
+        per_token = activation_bytes_per_token(model, mixer, ffn, kept, act_bytes)
+        return tokens * (per_token["common"] / common_split + per_token["tp_split"] / p.tp)
+
+    layers = stage_layers(cfg)[stage]
     once = 0.0
-    if cfg.train.recompute:
-        per_microbatch = tokens * len(per_layer) * model.hidden_size / common_split * act_bytes
-        once += tokens * max(per_layer, default=0.0) * act_bytes
+    if policy == "full":
+        per_microbatch = tokens * len(layers) * model.hidden_size / common_split * act_bytes
+        once += max((per_layer(m, f, "none") for m, f in layers), default=0.0)
+    elif policy in ("none", "selective"):
+        per_microbatch = sum(per_layer(m, f, policy) for m, f in layers)
     else:
-        per_microbatch = tokens * sum(per_layer) * act_bytes
+        raise ValueError(f"recompute policy {policy!r} must be none, selective or full "
+                         "(resolve auto first: sbtrain.profiler.recompute)")
     if stage == p.pp - 1:
         once += _logits_bytes(cfg, act_bytes)
-    if any(ffn == "E" for _, ffn in stage_layers(cfg)[stage]):
+    if any(ffn == "E" for _, ffn in layers):
         once += grouped_experts_transient_bytes(cfg, act_bytes)
     return per_microbatch, once
 
@@ -190,7 +207,7 @@ def _logits_bytes(cfg: RunConfig, act_bytes: float) -> float:
             + model.vocab_size * model.hidden_size * (FP32_BYTES + act_bytes))
 
 
-def _stage_estimate(cfg: RunConfig, stage: int, dp: int, nbytes: Bytes) -> dict:
+def _stage_estimate(cfg: RunConfig, stage: int, dp: int, nbytes: Bytes, policy: str) -> dict:
     p = cfg.parallel
     params = stage_parameters(cfg, stage)
     count = params["dense"] + params["expert"]
@@ -198,7 +215,7 @@ def _stage_estimate(cfg: RunConfig, stage: int, dp: int, nbytes: Bytes) -> dict:
     expert_shard = max(1, dp * p.sp // p.ep) if cfg.optim.distributed_optimizer else 1
     optimizer = nbytes.optimizer * (params["dense"] / dense_shard + params["expert"] / expert_shard)
     inflight = min(p.pp - stage, micro_batches_per_step(cfg, dp))
-    per_mb, once = stage_activation_bytes(cfg, stage, nbytes.activation)
+    per_mb, once = stage_activation_bytes(cfg, stage, nbytes.activation, policy)
     activations = per_mb * inflight + once
     parts = {
         "params_gib": count * nbytes.param / GIB,
@@ -219,8 +236,9 @@ def _stage_estimate(cfg: RunConfig, stage: int, dp: int, nbytes: Bytes) -> dict:
 
 def estimate_memory_per_rank(cfg: RunConfig, world_size: int, bytes_per_param: float | None = None,
                              bytes_per_grad: float | None = None,
-                             device_type: str = "cuda") -> dict:
-    """Memory of one rank of every pipeline stage, and the worst one, in GiB.
+                             device_type: str = "cuda", policy: str | None = None) -> dict:
+    """Memory of one rank of every pipeline stage, and the worst one, in GiB, under recompute
+    ``policy`` (default ``train.recompute``; ``auto`` must be resolved first).
 
     Returns the byte sizes used, ``dp``, ``num_microbatches``, ``stages`` (per stage: layers,
     params on the rank, ``params_gib``, ``grads_gib``, ``optimizer_gib``, ``activations_gib``,
@@ -229,7 +247,8 @@ def estimate_memory_per_rank(cfg: RunConfig, world_size: int, bytes_per_param: f
     """
     nbytes = resolve_bytes(cfg.train.precision, device_type, bytes_per_param, bytes_per_grad)
     dp = max(1, cfg.parallel.resolved_dp(world_size))
-    stages = [_stage_estimate(cfg, s, dp, nbytes) for s in range(cfg.parallel.pp)]
+    policy = policy or cfg.train.recompute
+    stages = [_stage_estimate(cfg, s, dp, nbytes, policy) for s in range(cfg.parallel.pp)]
     worst = max(stages, key=lambda s: s["total_gib"])
     keys = ("params", "params_gib", "grads_gib", "optimizer_gib", "activations_gib", "total_gib")
     return {
@@ -240,7 +259,7 @@ def estimate_memory_per_rank(cfg: RunConfig, world_size: int, bytes_per_param: f
         "optimizer_bytes_per_param": nbytes.optimizer,
         "activation_bytes": nbytes.activation,
         "num_microbatches": micro_batches_per_step(cfg, dp),
-        "recompute": cfg.train.recompute,
+        "recompute": policy,
         "stages": stages,
         "worst_stage": worst["stage"],
         **{key: worst[key] for key in keys},

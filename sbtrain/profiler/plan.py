@@ -8,6 +8,7 @@ from sbtrain.profiler.comm import sp_comm_per_rank
 from sbtrain.profiler.counting import count_parameters
 from sbtrain.profiler.flops import flops_per_token
 from sbtrain.profiler.memory import estimate_memory_per_rank
+from sbtrain.profiler.recompute import DEFAULT_DEVICE_GIB, resolve_recompute
 
 
 def default_world_size(cfg: RunConfig) -> int:
@@ -23,9 +24,14 @@ def make_plan(cfg: RunConfig, world_size: int | None = None,
     ``device_memory_gib`` lists device sizes to check the worst rank against (``fits`` means
     the estimate, which leaves out framework overhead, is at most the device size).
     ``device_type`` resolves ``precision: auto`` (bf16 unless ``cpu``). ``sp_comm`` is
-    ``sp_comm_per_rank``'s result (``enabled`` is false when sp == 1).
+    ``sp_comm_per_rank``'s result (``enabled`` is false when sp == 1). ``recompute`` is
+    ``resolve_recompute``'s report (every policy's memory and recomputed FLOPs; ``auto`` is
+    chosen for ``profiler.device_memory_gib``, else the largest of ``device_memory_gib``); the
+    memory and traffic sections use the chosen policy.
     """
     world = world_size or default_world_size(cfg)
+    recompute_gib = cfg.profiler.device_memory_gib or max(device_memory_gib or [DEFAULT_DEVICE_GIB])
+    cfg, recompute = resolve_recompute(cfg, world, recompute_gib, device_type)
     params = count_parameters(cfg.model)
     flops = flops_per_token(cfg.model, cfg.train.seq_length, training=True)
     memory = estimate_memory_per_rank(cfg, world, device_type=device_type)
@@ -46,6 +52,7 @@ def make_plan(cfg: RunConfig, world_size: int | None = None,
         "flops_per_token": flops,
         "flops_per_step": flops["total"] * tokens_per_step,
         "memory": memory,
+        "recompute": recompute,
         "fits": fits,
         "sp_comm": sp_comm_per_rank(cfg, world, device_type=device_type),
     }
@@ -106,6 +113,22 @@ def _memory_section(plan: dict) -> list[str]:
     return lines
 
 
+def _recompute_section(plan: dict) -> list[str]:
+    rec = plan.get("recompute")
+    if not rec:
+        return []
+    lines = [f"recompute {rec['policy']}" + (" (auto)" if rec["requested"] == "auto" else "")
+             + f": {rec['reason']}",
+             f"  {'policy':<11}{'total GiB':>10}{'activ GiB':>10}{'recompute FLOPs/token':>23}"
+             f"{'overhead':>10}"]
+    for row in rec["policies"]:
+        mark = " <- used" if row["policy"] == rec["policy"] else ""
+        lines.append(f"  {row['policy']:<11}{row['total_gib']:>10.2f}{row['activations_gib']:>10.2f}"
+                     f"{row['recompute_flops_per_token']:>23.4g}"
+                     f"{row['recompute_overhead']:>9.1%}{mark}")
+    return lines
+
+
 def _bytes(value: float) -> str:
     """Binary units: 512 B, 4.25 KiB, 1.50 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -154,5 +177,5 @@ def format_plan(plan: dict) -> str:
     head = (f"plan: pattern {plan['pattern']} | world {plan['world_size']} = dp {par['dp']} x "
             f"pp {par['pp']} x tp {par['tp']} x sp {par['sp']} (ep {par['ep']})")
     sections = [[head], _params_section(plan), _flops_section(plan), _memory_section(plan),
-                _comm_section(plan)]
+                _recompute_section(plan), _comm_section(plan)]
     return "\n".join(line for section in sections for line in section)

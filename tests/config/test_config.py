@@ -188,7 +188,7 @@ def test_overrides_are_typed(tmp_path: Path):
     assert cfg.model.hidden_size == 128 and isinstance(cfg.model.hidden_size, int)
     assert cfg.optim.lr == pytest.approx(1e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.optim.weight_decay == pytest.approx(0.05)
-    assert cfg.train.recompute is True
+    assert cfg.train.recompute == "full"
     assert cfg.optim.distributed_optimizer is False
     assert cfg.train.run_dir == "/tmp/some run"
     assert cfg.model.moe.num_experts == 8
@@ -215,7 +215,7 @@ def test_override_creates_missing_sections(tmp_path: Path):
         ("optim.lr", "optim.lr", "must look like section.key=value"),
         ("optim.lrr=1e-3", "optim.lrr", "did you mean 'optim.lr'?"),
         ("model.hidden_size=big", "model.hidden_size", "expected int, got str 'big'"),
-        ("train.recompute=maybe", "train.recompute", "expected bool"),
+        ("train.recompute=maybe", "train.recompute", "unknown policy 'maybe'"),
         ("model.moe.top_k=1.5", "model.moe.top_k", "expected int, got float"),
         ("optim.lr.warm=1", "optim.lr.warm", "is not a section"),
         ("model.moe=3", "model.moe", "expected a mapping"),

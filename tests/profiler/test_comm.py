@@ -74,12 +74,20 @@ def test_hybrid_mixers_sum_their_branches_and_step_totals():
 
 def test_recompute_repeats_forward_collectives():
     plain = comm("model.pattern=L-W-*-")
-    again = comm("model.pattern=L-W-*-", "train.recompute=true")
+    again = comm("model.pattern=L-W-*-", "train.recompute=full")
     forward = 13_056 + 6_168 + 12_312
     assert plain["step_bytes"] == 4 * (39_168 + 18_456 + 36_888) == 378_048
     assert again["step_bytes"] == 378_048 + 4 * forward == 504_192
     for code in ("L", "W", "*"):
         assert again["layers"][code]["recompute_bytes"] == plain["layers"][code]["forward_bytes"]
+    # selective reruns the linear-attention cores only (their state exchange included)
+    selective = comm("model.pattern=L-W-*-", "train.recompute=selective")
+    assert selective["step_bytes"] == 378_048 + 4 * 13_056
+    assert [selective["layers"][c]["recompute_bytes"] for c in ("L", "W", "*")] == [13_056, 0, 0]
+    hybrid = comm("model.pattern=H-F-", "train.recompute=selective")["layers"]
+    assert hybrid["H"]["recompute_bytes"] == hybrid["F"]["recompute_bytes"] == 13_056
+    assert comm("model.pattern=H-", "train.recompute=selective")["ulysses"]["kinds"]["window"][
+        "recompute_bytes"] == 0
 
 
 def test_documents_precision_tp_and_worst_stage():

@@ -77,7 +77,7 @@ def test_activations_scale_and_recompute():
     # Megatron's loss (whole logits): ops.loss's fp32 weight-gradient sum would add a constant
     small = run(train=TrainConfig(micro_batch_size=1, global_batch_size=8, loss_chunk_tokens=0))
     big = run(train=TrainConfig(micro_batch_size=2, global_batch_size=8, loss_chunk_tokens=0))
-    recomputed = run(train=TrainConfig(micro_batch_size=2, global_batch_size=8, recompute=True,
+    recomputed = run(train=TrainConfig(micro_batch_size=2, global_batch_size=8, recompute="full",
                                        loss_chunk_tokens=0))
     a1, a2, ar = (estimate_memory_per_rank(c, 1)["activations_gib"] for c in (small, big, recomputed))
     assert a2 == pytest.approx(2 * a1)

@@ -18,7 +18,7 @@ def spikingbrain_7b_run(**train) -> RunConfig:
 
 
 def test_plan_world_size_and_fits():
-    plan = make_plan(spikingbrain_7b_run(recompute=True), device_memory_gib=[16, 64])
+    plan = make_plan(spikingbrain_7b_run(recompute="full"), device_memory_gib=[16, 64])
     assert plan["world_size"] == 32
     assert plan["parameters"]["total"] == 7_616_542_976
     assert [f["fits"] for f in plan["fits"]] == [False, True]
