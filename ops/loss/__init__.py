@@ -7,10 +7,10 @@ cross-entropy on ``logits.float()``. At 128K tokens and SpikingBrain's vocabular
 logits alone take ~40 GB, the fp32 copy and the fp32 log-softmax that autograd saves ~80 GB more:
 a 7B-width model cannot train at 128K on one 80 GB GPU. :func:`linear_cross_entropy` takes the last
 hidden states and the output-layer weight instead of the logits and walks the tokens in chunks of
-``chunk_tokens``: only one chunk's logits ``[chunk, V]`` exist at a time (in the input dtype from the
-GEMM, then fp32 for the softmax, as Megatron does), and backward recomputes them rather than keeping
-them. What is saved for backward is the inputs plus one fp32 logsumexp per token. The price is the
-forward GEMM done twice (4 GEMM-equivalents instead of 3).
+``chunk_tokens``: only one chunk's logits ``[chunk, V]`` exist at a time, and with several chunks
+backward recomputes them rather than keeping them. What is saved for backward is the inputs plus
+one fp32 logsumexp per token (and, on the Triton backend, a single chunk's logits). The price of
+recomputation is the forward GEMM done twice (4 GEMM-equivalents instead of 3).
 
 Backends (``ops.backends`` registry, op ``linear_cross_entropy``; ``SB_OP_BACKEND_LINEAR_CROSS_ENTROPY``
 forces one):
@@ -39,9 +39,8 @@ and ``loss_i = lse_i - z_i[y_i]``. Given the upstream gradient ``g_i = dL/dloss_
 Backward rebuilds ``z`` chunk by chunk, turns it into ``dL/dz`` (computed in fp32, rounded to the
 input dtype for the GEMMs, as the unfused autograd does), writes that chunk's rows of ``dL/dh`` and
 adds its share of ``dL/dW``, a product with an fp32 result, into an fp32 sum cast to the weight's
-dtype at the end. A gradient
-the caller does not need (``needs_input_grad``) is not computed: no ``dL/dW`` GEMMs for a frozen
-output layer, no ``dL/dh`` GEMMs for a detached hidden state.
+dtype at the end. A gradient the caller does not need (``needs_input_grad``) is not computed: no
+``dL/dW`` GEMMs for a frozen output layer, no ``dL/dh`` GEMMs for a detached hidden state.
 
 Layout
 ------
