@@ -30,7 +30,8 @@ commands:
 
 
 def plan_main(argv: list[str]) -> int:
-    from sbtrain.profiler.plan import format_plan, make_plan
+    from sbtrain.config.validate import validate_layout
+    from sbtrain.profiler.plan import default_world_size, format_plan, make_plan
     from sbtrain.train import add_config_args
 
     parser = argparse.ArgumentParser(prog="sbtrain plan")
@@ -43,6 +44,8 @@ def plan_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, stage=args.stage)
+        # the same layout checks as a launch of that many ranks
+        validate_layout(cfg, args.world_size or default_world_size(cfg), args.config)
         plan = make_plan(cfg, world_size=args.world_size,
                          device_memory_gib=args.device_gib or [64.0, 80.0])
     except ConfigError as exc:

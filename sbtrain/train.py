@@ -19,8 +19,6 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", default=None,
                         help="run this stage of the config's stages list (see docs/training.md); "
                         "'all' runs every stage in order in this launch")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the full traceback of errors whose cause is known")
 
 
 ALL_STAGES = "all"
@@ -29,6 +27,8 @@ ALL_STAGES = "all"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sbtrain train", description=__doc__)
     add_config_args(parser)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the full traceback of errors whose cause is known")
     args = parser.parse_args(argv)
     try:
         names = stage_names(args.config)

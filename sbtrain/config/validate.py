@@ -18,6 +18,15 @@ def validate(cfg: RunConfig, world_size: int, source: str = "") -> None:
         raise exc.with_source(source) if source else exc from None
 
 
+def validate_layout(cfg: RunConfig, world_size: int, source: str = "") -> None:
+    """Only the layout checks (parallel sizes, batch) for ``world_size`` ranks: ``sbtrain plan``."""
+    try:
+        _check_parallel(cfg, world_size)
+        _check_batch(cfg, world_size)
+    except ConfigError as exc:
+        raise exc.with_source(source) if source else exc from None
+
+
 def _check_parallel(cfg: RunConfig, world_size: int) -> None:
     p = cfg.parallel
     model_parallel = p.pp * p.tp * p.sp

@@ -3,7 +3,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+from sbtrain.cli import main as cli_main
 from sbtrain.config.schema import ModelConfig, ParallelConfig, RunConfig, TrainConfig
 from sbtrain.profiler import format_plan, make_plan
 
@@ -46,3 +48,12 @@ def test_format_plan_lists_layers_and_stages():
 def test_import_is_cheap_and_device_free():
     code = "import sys, sbtrain.profiler; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plan_refuses_an_impossible_layout(capsys):
+    """reliability.md SILENT 7: a layout that cannot launch was printed with exit 0."""
+    tiny = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny.yaml"
+    code = cli_main(["plan", str(tiny), "--world-size", "3",
+                     "--set", "parallel.pp=2"])
+    assert code == 2
+    assert "'parallel': world size 3 is not divisible by pp*tp*sp = 2" in capsys.readouterr().err
