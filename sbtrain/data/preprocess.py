@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sbtrain.data.tokenizer import Tokenizer, load_tokenizer
+from sbtrain.errors import DataError
 
 _BATCH_DOCS = 256
 """Documents tokenized per ``encode_batch`` call (``tokenizers`` parallelises inside it)."""
@@ -52,7 +53,8 @@ def preprocess(input_jsonl: str, output_prefix: str, tokenizer_path: str,
     Raises:
         FileNotFoundError: the input file or the tokenizer is missing.
         ValueError: a line is not valid JSON, not an object, lacks ``json_key`` or its value
-            is not a string; the message names the file and the line number.
+            is not a string (the message names the file and the line number); or the file
+            holds no non-empty document.
     """
     from megatron.core.datasets.indexed_dataset import DType
 
@@ -66,6 +68,10 @@ def preprocess(input_jsonl: str, output_prefix: str, tokenizer_path: str,
     try:
         stats = _write(input_jsonl, tmp_bin, tmp_idx, tokenizer, dtype, json_key, append_eod,
                        log_every)
+        if not stats.documents:
+            # an empty dataset would only fail later, at training, as a "corrupt" index
+            raise DataError(f"{input_jsonl}: no documents to write ({stats.skipped_empty} "
+                            f"empty texts skipped); nothing was written to {output_prefix}")
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
     finally:

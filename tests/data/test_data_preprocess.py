@@ -93,3 +93,13 @@ def test_cli(tmp_path, tokenizer_path: str, capsys: pytest.CaptureFixture[str]) 
     assert main(["--input", str(tmp_path / "x.jsonl"), "--output-prefix", prefix,
                  "--tokenizer", tokenizer_path]) == 1
     assert "x.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["", "\n", '{"text": ""}\n{"text": ""}\n'])
+def test_input_without_documents_is_an_error(tmp_path, tokenizer_path: str, content: str) -> None:
+    """reliability.md SILENT 6: an empty dataset was written with exit 0."""
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"{path}: no documents to write"):
+        preprocess(str(path), str(tmp_path / "out"), tokenizer_path)
+    assert not list(tmp_path.glob("out*"))
