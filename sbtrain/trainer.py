@@ -65,6 +65,8 @@ class Trainer:
         self.eod: int | None = None
         """EOD id that separates packed documents, when ``data.document_mask`` is on."""
         self.guard: StepGuard | None = None
+        self.watchdog: Watchdog | None = None
+        """Running during train(); evaluation beats it per iteration."""
         self.lock = RunLock([cfg.train.run_dir, cfg.checkpoint.save_dir])
         self._local_loss = 0.0
         """This rank's share of the last step's loss, before any reduction (the guard's input)."""
@@ -197,6 +199,8 @@ class Trainer:
             for i in range(self.cfg.train.eval_iters):
                 total += self._run_schedule(step * self.cfg.train.eval_iters + i, "valid",
                                             forward_only=True)
+                if self.watchdog is not None:
+                    self.watchdog.beat()
         s.model.train()
         return total / self.cfg.train.eval_iters
 
@@ -209,13 +213,15 @@ class Trainer:
         s = self.state or self.setup()
         t = self.cfg.train
         stop = StopRequest(t.exit_signals, t.exit_duration_minutes)
-        watchdog = Watchdog(t.hang_timeout_minutes, s.groups.rank, dist.get_backend())
+        watchdog = self.watchdog = Watchdog(t.hang_timeout_minutes, s.groups.rank,
+                                            dist.get_backend())
         stop.install()
         watchdog.start()
         try:
             records = self._loop(stop, watchdog)
         finally:
             watchdog.stop()
+            self.watchdog = None
             stop.uninstall()
             self.lock.release()
         self._write_summary()

@@ -194,9 +194,9 @@ class ParallelConfig:
     """Sequence (context) parallel size: Megatron's context_parallel_size."""
     sequence_parallel: bool = False
     """Megatron's TP sequence parallelism (shard activations over TP); needed for MoE with TP."""
-    timeout_minutes: float = 10.0
-    """Process-group (collective) timeout; a collective waiting longer fails the run. The
-    watchdog (train.hang_timeout_minutes) usually reports a hang before this."""
+    timeout_minutes: float = 30.0
+    """Process-group (collective) timeout; a collective waiting longer fails the run. Keep it
+    above train.hang_timeout_minutes, so that the watchdog reports a hang (with stacks) first."""
 
     def __post_init__(self) -> None:
         for name in ("pp", "tp", "ep", "sp"):
@@ -288,9 +288,9 @@ class TrainConfig:
     exit_duration_minutes: float = 0.0
     """Wall-clock limit: finish the step, save and exit 0 once this long has passed since the
     loop started; 0 disables."""
-    hang_timeout_minutes: float = 30.0
-    """Watchdog: with no step (or eval, or save) finished for this long, print every rank's
-    Python stacks and exit 4 (torchrun can relaunch); 0 disables."""
+    hang_timeout_minutes: float = 20.0
+    """Watchdog: with no step (or eval iteration, or save) finished for this long, print every
+    rank's Python stacks and exit 4 (torchrun can relaunch); 0 disables."""
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
