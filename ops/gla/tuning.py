@@ -105,7 +105,8 @@ def seed_autotune_cache(kind: str | None = None, device_name: str = "", *,
         kind, device_name = found
     skip = _skip_reason(kind, device_name, tuned_root, versions)
     if skip is not None:
-        logger.info("%s; first step will autotune (scripts/tune_fla.py makes them)", skip)
+        # a warning: nothing configures INFO logging in training, and this costs minutes
+        logger.warning("%s; first step will autotune (scripts/tune_fla.py makes them)", skip)
         return 0
     manifest = read_manifest(tuned_root / kind)
     target = cache_dir if cache_dir is not None else triton_cache_dir()

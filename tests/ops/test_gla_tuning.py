@@ -117,7 +117,7 @@ def test_fallback_is_one_log_line_and_no_files(tmp_path: Path, caplog, case: str
         copied = tuning.seed_autotune_cache(kind, "NVIDIA B200", tuned_root=tuned_root, cache_dir=cache,
                                             versions=versions)
     assert copied == 0 and not cache.exists()
-    assert [r.getMessage() for r in caplog.records] == [expected]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("WARNING", expected)]
 
 
 def test_seeding_can_be_turned_off_and_respects_a_foreign_cache_manager(tmp_path: Path, monkeypatch):
