@@ -135,7 +135,9 @@ def verify(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="YAMLs whose GLA shapes to tune")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="YAMLs whose GLA shapes to tune (default: examples/configs/*.yaml); with "
+                        "--collect-from: the configs the collected runs used, recorded in the manifest")
     p.add_argument("--seq", type=int, default=8192, help="tokens per sequence in the tuning runs")
     p.add_argument("--all-varlen", action="store_true",
                    help="also tune packed documents (cu_seqlens) for configs without data.document_mask")
@@ -149,13 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify-only", action="store_true", help="only run the seeded check")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=TUNED_ROOT, help="stored-results root")
+    p.add_argument("--replace", action="store_true",
+                   help="drop the results already stored for this kind (default: keep them, new ones win)")
     args = p.parse_args(argv)
+    explicit_configs = args.configs is not None
+    args.configs = args.configs or DEFAULT_CONFIGS
     shapes = gla_shapes(args.configs, args.all_varlen)
     if args.child:  # the verification child: its cache dir and seeding come from the parent
         run_all(shapes, args.seq)
         return 0
     if args.collect_from:
-        return collect(args, shapes)
+        return collect(args, shapes if explicit_configs else [])
     if args.verify_only:
         return verify(args)
     return tune(args, shapes)
@@ -175,7 +181,8 @@ def collect(args: argparse.Namespace, shapes: list[dict]) -> int:
             print(f"--versions must name {', '.join(VERSIONED_PACKAGES)}; missing {missing}", file=sys.stderr)
             return 2
     manifest = collect_autotune_files([Path(d) for d in args.collect_from], kind, device,
-                                      tuned_root=args.out, versions=versions, extra={"shapes": shapes})
+                                      tuned_root=args.out, versions=versions, extra={"shapes": shapes},
+                                      replace=args.replace)
     print(f"stored {len(manifest['files'])} results for {kind} in {args.out / kind} "
           f"(versions {manifest['versions']})")
     return 0
@@ -194,7 +201,8 @@ def tune(args: argparse.Namespace, shapes: list[dict]) -> int:
         timings = run_all(shapes, args.seq)
         print(f"tuned in {time.perf_counter() - start:.0f} s", flush=True)
         manifest = collect_autotune_files([Path(cache)], kind, device, tuned_root=args.out,
-                                          extra={"shapes": shapes, "tuning_runs": timings})
+                                          extra={"shapes": shapes, "tuning_runs": timings},
+                                          replace=args.replace)
     print(f"stored {len(manifest['files'])} results in {args.out / kind}")
     print(json.dumps({"kind": kind, "device": device, "files": len(manifest["files"])}))
     return verify(args)

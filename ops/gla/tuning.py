@@ -177,28 +177,48 @@ def _copy_one(src: Path, dst: Path) -> bool:
 
 def collect_autotune_files(cache_dirs: list[Path], kind: str, device_name: str, *,
                            tuned_root: Path = TUNED_ROOT, versions: dict[str, str | None] | None = None,
-                           extra: dict | None = None) -> dict:
+                           extra: dict | None = None, replace: bool = False) -> dict:
     """Store every ``<hash>/<kernel>.autotune.json`` under ``cache_dirs`` as the results of ``kind``.
 
-    Replaces ``tuned_root/<kind>`` and writes its manifest (returned); a file found in several
-    dirs is taken from the first. ``extra`` (e.g. the tuned shapes) goes into the manifest as is.
+    Rewrites ``tuned_root/<kind>`` and its manifest (returned). A file found in several dirs is
+    taken from the first. The results already stored for ``kind`` are kept (new files win) unless
+    ``replace`` or they were made with other versions. ``extra`` goes into the manifest; its
+    ``shapes`` list is merged with the kept manifest's.
     """
-    found: dict[str, Path] = {}
+    versions = installed_versions() if versions is None else versions
+    found: dict[str, bytes] = {}
     for cache_dir in cache_dirs:
         for path in sorted(Path(cache_dir).glob(f"*/*{AUTOTUNE_SUFFIX}")):
-            found.setdefault(f"{path.parent.name}/{path.name}", path)
+            rel = f"{path.parent.name}/{path.name}"
+            _check_relative(rel, path)
+            found.setdefault(rel, path.read_bytes())
     if not found:
         raise FileNotFoundError(f"no */*{AUTOTUNE_SUFFIX} under {', '.join(map(str, cache_dirs))}")
     kind_dir = tuned_root / kind
+    extra = dict(extra or {})
+    if not replace and (kind_dir / MANIFEST_NAME).is_file():
+        old = read_manifest(kind_dir)
+        if old["versions"] == versions:
+            for rel in old["files"]:
+                found.setdefault(rel, (kind_dir / rel).read_bytes())
+            extra["shapes"] = _merged(old.get("shapes", []), extra.get("shapes", []))
     if kind_dir.exists():
         shutil.rmtree(kind_dir)
     files = sorted(found)
     for rel in files:
-        _check_relative(rel, found[rel])
         (kind_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(found[rel], kind_dir / rel)
-    manifest = {"kind": kind, "device": device_name,
-                "versions": installed_versions() if versions is None else versions,
-                "made_by": "scripts/tune_fla.py", "files": files, **(extra or {})}
+        (kind_dir / rel).write_bytes(found[rel])
+    manifest = {"kind": kind, "device": device_name, "versions": versions,
+                "made_by": "scripts/tune_fla.py", "files": files, **extra}
     (kind_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """Shape records of both lists, each shape once (a new record replaces an old one)."""
+    def key(shape: dict) -> str:
+        return json.dumps({k: v for k, v in shape.items() if k != "configs"}, sort_keys=True)
+
+    merged = {key(shape): shape for shape in old}
+    merged.update({key(shape): shape for shape in new})
+    return list(merged.values())

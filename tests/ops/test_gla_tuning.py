@@ -41,7 +41,7 @@ def stored(tmp_path: Path, kind: str = "sm90") -> Path:
     """Stored results for ``kind`` made by collect_autotune_files from a fake cache."""
     tuned_root = tmp_path / "tuned"
     tuning.collect_autotune_files([fake_cache(tmp_path / "tuning_cache")], kind, "NVIDIA H200",
-                                  tuned_root=tuned_root, versions=VERSIONS, extra={"shapes": ["7b"]})
+                                  tuned_root=tuned_root, versions=VERSIONS, extra={"shapes": [{"heads": 28}]})
     return tuned_root
 
 
@@ -51,7 +51,7 @@ def test_collect_keeps_only_autotune_files_and_writes_the_manifest(tmp_path: Pat
     assert manifest["files"] == [f"{HASH_A}/chunk_gla_fwd_kernel_o.autotune.json",
                                  f"{HASH_B}/chunk_fwd_kernel_h.autotune.json"]
     assert manifest["versions"] == VERSIONS and manifest["device"] == "NVIDIA H200"
-    assert manifest["shapes"] == ["7b"]
+    assert manifest["shapes"] == [{"heads": 28}]
     assert not list((tuned_root / "sm90").glob("*/*.cubin"))
 
 
@@ -197,3 +197,27 @@ def test_tune_fla_runs_each_shape_through_the_gla_op_with_and_without_documents(
     shape = {"batch": 2, "heads": 4, "kv_heads": 2, "dim": 16}
     for varlen in (False, True):
         assert tune_fla.run_shape(shape, 32, varlen, device="cpu") >= 0
+
+
+def test_collecting_again_keeps_stored_results_unless_replaced_or_stale(tmp_path: Path):
+    tuned_root = stored(tmp_path)  # HASH_A and HASH_B, heads 28
+    newer = tmp_path / "run_76b" / "NEWHASHNEWHASHNEWHASH"
+    newer.mkdir(parents=True)
+    (newer / "chunk_local_cumsum_vector_kernel.autotune.json").write_text(autotune_json("cumsum", 4))
+    changed = tmp_path / "run_76b" / HASH_A / "chunk_gla_fwd_kernel_o.autotune.json"
+    changed.parent.mkdir()
+    changed.write_text(autotune_json("o", 8))
+
+    def collect(**kwargs) -> dict:
+        return tuning.collect_autotune_files([tmp_path / "run_76b"], "sm90", "NVIDIA H200", tuned_root=tuned_root,
+                                             **{"versions": VERSIONS, **kwargs})
+
+    manifest = collect(extra={"shapes": [{"heads": 16}]})
+    assert len(manifest["files"]) == 3 and manifest["shapes"] == [{"heads": 28}, {"heads": 16}]
+    assert (tuned_root / "sm90" / HASH_A / "chunk_gla_fwd_kernel_o.autotune.json").read_text() == changed.read_text()
+    assert len(collect(replace=True)["files"]) == 2
+    assert len(collect()["files"]) == 2  # after the replace, nothing else is stored
+    tuning.collect_autotune_files([tmp_path / "tuning_cache"], "sm90", "NVIDIA H200", tuned_root=tuned_root,
+                                  versions=VERSIONS)
+    assert len(collect()["files"]) == 3
+    assert len(collect(versions={**VERSIONS, "triton": "3.7.0"})["files"]) == 2
