@@ -213,7 +213,7 @@ class ParallelConfig:
 
 RECOMPUTE_POLICIES = {
     "none": "keep every activation",
-    "selective": "recompute the cores of the GLA / parallel-hybrid mixers",
+    "selective": "recompute the GLA / parallel-hybrid mixer cores and the SwiGLU products",
     "full": "keep each layer's input, recompute the whole layer in backward",
     "auto": "the cheapest policy whose memory plan fits the device",
 }
@@ -265,7 +265,7 @@ class TrainConfig:
     """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
     recompute: str | bool = "none"
     """Activation recomputation (``RECOMPUTE_POLICIES``): ``none``; ``selective`` (the cheap,
-    memory-heavy part: the cores of GLA / parallel-hybrid mixers);
+    memory-heavy parts: the cores of GLA / parallel-hybrid mixers, the FFNs' SwiGLU product);
     ``full`` (every layer keeps only its input); ``auto`` (the cheapest policy whose memory
     plan fits the device, resolved at train start). Booleans are deprecated aliases:
     true = full, false = none."""

@@ -49,4 +49,8 @@ def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device
     from parallel.sequence import install_slice_rotary
 
     install_slice_rotary(model, cfg.model.sink_tokens, pg_collection.cp)
+    if config.recompute_granularity == "selective":
+        from sbtrain.model.recompute import install_ffn_activation_recompute
+
+        install_ffn_activation_recompute(model)
     return model.to(device), config

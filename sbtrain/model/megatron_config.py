@@ -67,8 +67,9 @@ def recompute_fields(policy: str) -> dict:
 
     ``full``: every layer keeps only its input (Megatron's uniform full recompute, one layer
     per checkpoint). ``selective``: granularity ``selective`` with no Megatron module; sbtrain's
-    GLA / parallel-hybrid mixers see it and checkpoint their cores (``gla.checkpointed``).
-    Megatron's modules are left out: ``core_attn`` (SDPA-flash / flex keep only q/k/v, the
+    GLA / parallel-hybrid mixers see it and checkpoint their cores (``gla.checkpointed``), and
+    the builder makes every dense FFN and shared expert drop its SwiGLU product until backward
+    (``sbtrain.model.recompute``). Megatron's modules are left out: ``core_attn`` (SDPA-flash / flex keep only q/k/v, the
     output and the log-sum-exp, so recomputing the softmax core frees one q-sized tensor for a
     whole attention forward), ``mlp`` (recomputes both FFN GEMMs, nearly a full layer), and
     ``layernorm`` / ``moe_act``: megatron-core 0.19.2's ``CheckpointWithoutOutput`` sets

@@ -83,8 +83,9 @@ def activation_bytes_per_token(model: ModelConfig, mixer: str, ffn: str, policy:
     - ``H``/``F``: both branches: (8q + 4kv) a + the fla terms + the log-sum-exp;
       ``selective`` reruns the linear branch: (4q + 3kv) a + n_h f;
     - ``-``: fc1's output (``ops.swiglu`` keeps only that) and the SwiGLU product, 3F a;
-    - ``E``: router logits E + k*(2h + 3F_e) (permuted input and output, expert FFN) + 3F
-      (shared expert).
+      ``selective`` drops the product until backward (``sbtrain.model.recompute``), 2F a;
+    - ``E``: router logits E + k*(2h + 3F_e) (permuted input and output, expert FFN) + the
+      shared expert as ``-``.
 
     Returns ``common`` (split over tp only with sequence parallelism) and ``tp_split``.
     """
@@ -100,12 +101,13 @@ def activation_bytes_per_token(model: ModelConfig, mixer: str, ffn: str, policy:
         "L": (2 * q + 3 * kv + rank) * a if selective else (5 * q + 2 * kv + rank) * a + fla,
         "H": hybrid, "F": hybrid,
     }[mixer]
+    dense = (2 if selective else 3) * model.ffn_hidden_size
     if ffn == "-":
-        ffn_elems = 3 * model.ffn_hidden_size
+        ffn_elems = dense
     else:
         moe = model.moe
         ffn_elems = moe.num_experts + moe.top_k * (2 * h + 3 * expert_width(model))
-        ffn_elems += 3 * model.ffn_hidden_size if moe.shared_expert else 0
+        ffn_elems += dense if moe.shared_expert else 0
     return {"common": 4 * h * a, "tp_split": mixer_bytes + ffn_elems * a}
 
 

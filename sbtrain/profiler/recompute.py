@@ -5,8 +5,8 @@ Policies, cheapest first (``sbtrain.model.megatron_config.recompute_fields`` map
 
 - ``none``: nothing is recomputed;
 - ``selective``: the cores of the GLA / parallel-hybrid mixers (feature maps, gate, fla kernel,
-  head norms) are recomputed: elementwise work plus one linear-attention kernel forward per
-  ``L``/``H``/``F`` layer;
+  head norms) and the SwiGLU product of dense FFNs and shared experts are recomputed:
+  elementwise work plus one linear-attention kernel forward per ``L``/``H``/``F`` layer;
 - ``full``: every layer runs its forward twice.
 
 ``auto`` takes the first of these whose estimated peak (``memory.estimate_memory_per_rank``,

@@ -1,5 +1,5 @@
 """``train.recompute`` none / selective / full give the same numbers, and selective really
-recomputes what it claims (the GLA / parallel-hybrid mixer cores).
+recomputes what it claims (the GLA / parallel-hybrid mixer cores, the FFNs' SwiGLU product).
 
 In-process (gloo world of 1, CPU, fp32): one forward + backward of the tiny 7B (``L``/``W``,
 documents) and tiny 76B (``H``/``F``, MoE, sinks) models per policy, every gradient compared.
@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from ops.swiglu import SwiGLU
 from sbtrain.config import load_config
 from sbtrain.convert.session import one_process_model
 from sbtrain.model.gla import GatedLinearAttention
@@ -49,19 +50,20 @@ def grads_and_core_calls(name: str, policy: str):
     tokens = torch.randint(1, cfg.model.vocab_size, (2, SEQ), generator=gen)
     tokens[0, SEQ // 2] = 0  # a document boundary (token 0 is the synthetic EOD)
     segments = segment_ids_from_tokens(tokens, eod=0)
-    calls = {"core": 0}
-    hooked = {GatedLinearAttention: "core", ParallelHybridAttention: "_linear_branch"}
-    originals = {cls: getattr(cls, attr) for cls, attr in hooked.items()}
+    calls = {"core": 0, "swiglu": 0}
+    hooked = {GatedLinearAttention: ("core", "core"),
+              ParallelHybridAttention: ("_linear_branch", "core"), SwiGLU: ("forward", "swiglu")}
+    originals = {cls: getattr(cls, attr) for cls, (attr, _) in hooked.items()}
 
-    def counting(fn):
+    def counting(fn, key):
         def wrapper(*args, **kwargs):
-            calls["core"] += 1
+            calls[key] += 1
             return fn(*args, **kwargs)
         return wrapper
 
     try:
-        for cls, attr in hooked.items():
-            setattr(cls, attr, counting(originals[cls]))
+        for cls, (attr, key) in hooked.items():
+            setattr(cls, attr, counting(originals[cls], key))
         with one_process_model(cfg) as model:
             random_model(model, cfg)
             model.train()
@@ -70,22 +72,26 @@ def grads_and_core_calls(name: str, policy: str):
             loss.backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     finally:
-        for cls, attr in hooked.items():
+        for cls, (attr, _) in hooked.items():
             setattr(cls, attr, originals[cls])
     mixers = sum(mixer in "LHF" for mixer, _ in cfg.model.layers)
-    return loss.item(), grads, calls["core"] / mixers
+    return loss.item(), grads, calls["core"] / mixers, calls["swiglu"]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_policies_give_identical_gradients(name):
     results = {policy: grads_and_core_calls(name, policy) for policy in POLICIES}
-    loss, grads, _ = results["none"]
+    loss, grads, _, swiglus = results["none"]
     # none: the cores run once per layer; selective: again in backward; full: Megatron
     # reruns the whole layer (the cores inside it run un-checkpointed, twice)
     assert [results[p][2] for p in POLICIES] == [1, 2, 2]
+    # the SwiGLU of every dense FFN and shared expert: selective refills the dropped product
+    # before fc2's backward and reruns it for its own gradient; full reruns the layer
+    wrapped = sum(ffn in "-E" for _, ffn in tiny(name, "none").model.layers)
+    assert [results[p][3] for p in POLICIES] == [swiglus, swiglus + 2 * wrapped, 2 * swiglus]
     assert len(grads) > 20
     for policy in ("selective", "full"):
-        other_loss, other_grads, _ = results[policy]
+        other_loss, other_grads, _, _ = results[policy]
         assert other_loss == loss, (policy, other_loss, loss)
         assert other_grads.keys() == grads.keys()
         for key, grad in grads.items():
@@ -97,6 +103,7 @@ def test_policies_give_identical_gradients(name):
 DRIVER = """
 import sys
 from parallel.groups import destroy_parallel_groups
+from ops.swiglu import SwiGLU
 from sbtrain.config import load_config
 from sbtrain.train import _train
 
