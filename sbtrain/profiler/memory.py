@@ -151,8 +151,8 @@ def stage_activation_bytes(cfg: RunConfig, stage: int, act_bytes: float,
 
     ``none``/``selective``: every layer keeps ``activation_bytes_per_token``. ``full``: a layer
     keeps only its input (h per token) and one layer's ``none`` set is live while it is
-    recomputed. The last stage adds the logits (``_logits_bytes``), once (its only in-flight
-    micro-batch).
+    recomputed. The last stage adds the final norm (2h per token) and the logits
+    (``_logits_bytes``), once (its only in-flight micro-batch).
     """
     model, p = cfg.model, cfg.parallel
     # every layer also carries the sink tokens' positions (on every sequence-parallel rank;
@@ -175,6 +175,8 @@ def stage_activation_bytes(cfg: RunConfig, stage: int, act_bytes: float,
         raise ValueError(f"recompute policy {policy!r} must be none, selective or full "
                          "(resolve auto first: sbtrain.profiler.recompute)")
     if stage == p.pp - 1:
+        # the final norm keeps its input and the output layer its output
+        once += 2 * tokens * model.hidden_size / common_split * act_bytes
         once += _logits_bytes(cfg, act_bytes)
     if any(ffn == "E" for _, ffn in layers):
         once += grouped_experts_transient_bytes(cfg, act_bytes)

@@ -84,7 +84,9 @@ def test_full_keeps_layer_inputs_and_one_layer():
                       for m, f in cfg.model.layers]
     biggest = max(p["common"] + p["tp_split"] for p in per_layer_none) * tokens
     logits = _logits_bytes(cfg, 2)  # the last stage's loss, counted once
-    assert mem["activations_gib"] * GIB == pytest.approx(8 * tokens * h * 2 + biggest + logits)
+    final_norm = 2 * tokens * h * 2
+    assert mem["activations_gib"] * GIB == pytest.approx(8 * tokens * h * 2 + biggest + final_norm
+                                                         + logits)
 
 
 def test_recompute_flops():
