@@ -84,7 +84,9 @@ class StopRequest:
         return bool(self.received) or time.monotonic() >= self.deadline
 
     def reason(self) -> str:
-        return f"{self.received} received" if self.received else "train.exit_duration_minutes reached"
+        if self.received:
+            return f"{self.received} received"
+        return "train.exit_duration_minutes reached"
 
 
 class StepGuard:

@@ -7,11 +7,15 @@
   The process-group timeout (``parallel.timeout_minutes``) is the backstop below it.
 * Orphan: under torchrun, when the launcher dies (``kill -9``) the worker is re-parented;
   it notices within a second and exits with ``EXIT_ORPHANED`` instead of training on.
+
+Either way the worker first ends its multiprocessing children (megatron-core's checkpoint
+writer starts a ``Manager`` process for its results queue), which ``os._exit`` would orphan.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import multiprocessing
 import os
 import sys
 import threading
@@ -75,5 +79,7 @@ def _exit(code: int, message: str) -> None:
     if message:
         print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
+    for child in multiprocessing.active_children():
+        child.terminate()
     # os._exit: the main thread may be blocked in a collective that would never return.
     os._exit(code)

@@ -87,14 +87,14 @@ def _train(trainer: Trainer) -> dict:
 
 def main(config: str, out_path: str) -> None:
     def cfg(name: str, *overrides: str):
-        base = load_config(config, [f"train.run_dir={base_run}/{name}", *overrides])
-        return base
+        return load_config(config, [f"train.run_dir={base_run}/{name}", *overrides])
 
     base_run = load_config(config).train.run_dir
     iters = load_config(config).train.train_iters
     results = {
         # one step fewer, over the same data and LR schedule
-        "reference": _train(DroppedBatchTrainer(cfg("reference", f"train.exit_at_step={iters - 1}"))),
+        "reference": _train(DroppedBatchTrainer(cfg("reference",
+                                                    f"train.exit_at_step={iters - 1}"))),
         "dp2_nan_loss": _train(PoisonedTrainer(cfg("dp2"), 1, "activations", {POISON_STEP})),
         "pp2_nan_grad": _train(PoisonedTrainer(cfg("pp2", "parallel.pp=2"), 0, "gradients",
                                                {POISON_STEP})),

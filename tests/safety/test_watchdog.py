@@ -43,18 +43,28 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _descendants(pid: int) -> list[int]:
+    children = _children(pid) if _alive(pid) else []
+    return children + [d for c in children for d in _descendants(c)]
+
+
 def test_workers_stop_when_torchrun_is_killed(tmp_path):
+    """Workers and the checkpoint writer's processes they started all end within seconds."""
     config = write_config(tmp_path, "orphan", {"train.train_iters": 100000,
-                                               "optim.decay_iters": 10})
+                                               "optim.decay_iters": 10,
+                                               "checkpoint.save_dir": str(tmp_path / "ckpt"),
+                                               "checkpoint.save_interval": 1})
     proc = subprocess.Popen(torchrun_cmd(2, ["-m", "sbtrain.train", str(config)]), cwd=REPO,
                             env=launch_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 200
-    while not (tmp_path / "orphan" / "metrics.jsonl").exists():
+    while not (tmp_path / "ckpt" / "latest").exists():  # the writer has started its processes
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
     workers = _children(proc.pid)
     assert len(workers) == 2
+    workers += [d for w in workers for d in _descendants(w)]
+    assert len(workers) > 2, "expected megatron's checkpoint-writer processes"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = time.monotonic()
@@ -63,5 +73,5 @@ def test_workers_stop_when_torchrun_is_killed(tmp_path):
     survivors = [w for w in workers if _alive(w)]
     for w in survivors:
         os.kill(w, signal.SIGKILL)
-    assert not survivors, "workers kept training after torchrun died"
+    assert not survivors, "workers or their checkpoint-writer processes outlived torchrun"
     assert "the launcher (pid" in proc.stderr.read()
