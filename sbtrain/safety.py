@@ -44,7 +44,7 @@ class TrainingDiverged(KnownCause, RuntimeError):
 
 
 class RunDirectoryLocked(KnownCause, RuntimeError):
-    """Another live run holds run_dir or save_dir."""
+    """Another live run holds run_dir or save_dir, or one of them cannot be written."""
 
 
 @dataclasses.dataclass
@@ -198,8 +198,13 @@ class RunLock:
     def _try_lock(self) -> str:
         for directory in self.directories:
             path = Path(directory) / self.NAME
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a+")
+            try:
+                # also the start-up check that the directories are writable, before any step
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(path, "a+")
+            except OSError as exc:
+                return (f"cannot write to {directory}: {exc.strerror} (train.run_dir and "
+                        "checkpoint.save_dir must be writable directories)")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -83,6 +83,12 @@ def _train(cfg, source: str, verbose: bool = False) -> int:
             print(f"error: {exc}" if rank == 0 else f"error (rank {rank}): {exc}",
                   file=sys.stderr, flush=True)
         return EXIT_DIVERGED if isinstance(exc, TrainingDiverged) else EXIT_ERROR
+    except OSError as exc:
+        if verbose or not exc.filename:
+            raise
+        # a file the run needs cannot be read or written: the file and the reason are the cause
+        print(f"error: {exc.strerror}: {exc.filename}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
     return 0
 
 

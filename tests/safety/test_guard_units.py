@@ -88,3 +88,9 @@ def test_run_lock_refuses_a_live_run_and_not_a_dead_one(tmp_path):
     lock.acquire(CPU)
     assert (tmp_path / "ckpt" / RunLock.NAME).read_text().startswith(f"pid {os.getpid()}")
     lock.release()
+
+
+def test_run_lock_reports_a_directory_it_cannot_write(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunDirectoryLocked, match=f"cannot write to {tmp_path / 'file'}/ckpt: "):
+        RunLock([str(tmp_path / "run"), str(tmp_path / "file" / "ckpt")]).acquire(CPU)
