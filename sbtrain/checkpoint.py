@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
 from sbtrain.errors import CheckpointError, CheckpointNotFound
 
@@ -115,13 +116,30 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, step: int
     state = _state_dict(model, optimizer, scheduler, step, is_loading=True)
     if optimizer is not None:
         check_optimizer_layout(directory, state["optimizer"])
-    loaded = dist_checkpointing.load(state, str(directory))
-    _unwrap_ddp(model).load_state_dict(loaded["model"])
+    try:
+        loaded = dist_checkpointing.load(state, str(directory))
+        _unwrap_ddp(model).load_state_dict(loaded["model"])
+    # torch's CheckpointException (a BaseException) carries the ranks' errors as text
+    except (Exception, DCPCheckpointException) as exc:  # truncated shard, other model shape, ...
+        raise CheckpointError(_load_failure(directory, load_dir, step, exc)) from exc
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         unshare_adam_step(optimizer)
         scheduler.load_state_dict(loaded["scheduler"])
     return int(loaded["step"])
+
+
+def _load_failure(directory: Path, load_dir: str | Path, step: int, exc: Exception) -> str:
+    """One line: which checkpoint failed, why (first line of the cause), what else exists."""
+    lines = str(exc).strip().splitlines() or [""]
+    # a gathered error's text is "ranks: ...", the remote traceback, then the cause
+    cause = (lines[-1] if "Traceback" in str(exc) else lines[0])[:300]
+    older = sorted(int(p.name[5:]) for p in Path(load_dir).glob("iter_???????")
+                   if p.name[5:].isdigit() and int(p.name[5:]) < step)
+    offer = (f"; older complete checkpoints: {older[-3:]} (write one of them to "
+             f"{Path(load_dir) / LATEST} to resume there)" if older else "")
+    return (f"cannot load checkpoint {directory}: {type(exc).__name__}: {cause} (a truncated "
+            f"shard, or a model config that differs from the saved one){offer}")
 
 
 def _is_chained(keys) -> bool:

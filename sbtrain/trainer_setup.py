@@ -175,6 +175,10 @@ def _maybe_resume(cfg: RunConfig, model, optimizer, scheduler) -> int:
             raise CheckpointNotFound(f"checkpoint.load_dir {ck.load_dir} has no complete "
                                      "checkpoint")
         if ck.pretrained:
+            if latest_step(ck.pretrained) is None:
+                raise CheckpointNotFound(
+                    f"checkpoint.pretrained {ck.pretrained} has no complete checkpoint (in a "
+                    "staged run the previous stage writes it: run that stage first)")
             load_checkpoint(ck.pretrained, model, None, None)
         return 0
     if ck.load_optimizer:
