@@ -74,7 +74,10 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
         partial.mkdir(parents=True)
     dist.barrier()
     state = _state_dict(model, optimizer, scheduler, step, is_loading=False)
-    dist_checkpointing.save(state, str(partial), validate_access_integrity=True)
+    try:
+        dist_checkpointing.save(state, str(partial), validate_access_integrity=True)
+    except (Exception, DCPCheckpointException) as exc:  # e.g. a full disk, as a worker failure
+        raise CheckpointError(_save_failure(partial, exc)) from exc
     dist.barrier()
     if rank == 0:
         if final.exists():
@@ -84,6 +87,21 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
         _prune(Path(save_dir), keep_last)
     dist.barrier()
     return final
+
+
+def _save_failure(partial: Path, exc: BaseException) -> str:
+    try:
+        free = f"{shutil.disk_usage(partial.parent).free / 2**30:.2f} GiB free on its disk; "
+    except OSError:
+        free = ""
+    return (f"cannot save checkpoint {partial}: {type(exc).__name__}: {_cause(exc)} "
+            f"({free}the previous complete checkpoint is kept)")
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of an error, or the last of a gathered one ("ranks: ...", traceback)."""
+    lines = str(exc).strip().splitlines() or [""]
+    return (lines[-1] if "Traceback" in str(exc) else lines[0])[:300]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -131,9 +149,7 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, step: int
 
 def _load_failure(directory: Path, load_dir: str | Path, step: int, exc: Exception) -> str:
     """One line: which checkpoint failed, why (first line of the cause), what else exists."""
-    lines = str(exc).strip().splitlines() or [""]
-    # a gathered error's text is "ranks: ...", the remote traceback, then the cause
-    cause = (lines[-1] if "Traceback" in str(exc) else lines[0])[:300]
+    cause = _cause(exc)
     older = sorted(int(p.name[5:]) for p in Path(load_dir).glob("iter_???????")
                    if p.name[5:].isdigit() and int(p.name[5:]) < step)
     offer = (f"; older complete checkpoints: {older[-3:]} (write one of them to "

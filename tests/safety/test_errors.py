@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from sbtrain.checkpoint import _load_failure
+from sbtrain.checkpoint import _load_failure, _save_failure
 from tests.parallel.harness import REPO, launch_env, write_config
 
 
@@ -18,6 +18,14 @@ def test_checkpoint_load_failure_names_checkpoint_cause_and_older_ones(tmp_path)
     assert line.startswith(f"cannot load checkpoint {tmp_path / 'iter_0000015'}: RuntimeError: "
                            "EOFError: Ran out of input")
     assert "older complete checkpoints: [5, 10]" in line and "\n" not in line
+
+
+def test_checkpoint_save_failure_names_checkpoint_and_free_space(tmp_path):
+    line = _save_failure(tmp_path / "iter_0000003.partial",
+                         OSError(28, "No space left on device"))
+    assert line.startswith(f"cannot save checkpoint {tmp_path / 'iter_0000003.partial'}: "
+                           "OSError: [Errno 28] No space left on device (")
+    assert "GiB free on its disk; the previous complete checkpoint is kept)" in line
 
 
 def test_missing_load_dir_is_one_line_and_exit_1(tmp_path):
