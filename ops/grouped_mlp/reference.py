@@ -9,7 +9,6 @@ backends avoid.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -21,8 +20,3 @@ def loop_grouped_linear(x: Tensor, tokens_per_expert: Tensor, weight) -> Tensor:
     outs = [chunk @ weight[e].t() for e, chunk in enumerate(chunks)]
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, weight[0].shape[0])
 
-
-def swiglu(fc1_out: Tensor) -> Tensor:
-    """Megatron's gated linear unit with SiLU: ``silu(gate) * up``, gate = first half."""
-    gate, up = torch.chunk(fc1_out, 2, dim=-1)
-    return F.silu(gate) * up
