@@ -62,27 +62,63 @@ def _state_dict(model, optimizer, scheduler, step: int, is_loading: bool) -> dic
 
 
 def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler,
-                    keep_last: int = 0) -> Path:
-    """Save model, optimizer and scheduler at ``step``; returns the final directory."""
+                    keep_last: int = 0, strategy=None) -> Path:
+    """Save model, optimizer and scheduler at ``step``; returns the final directory.
+
+    ``strategy``: a megatron save strategy (e.g. ``FullyParallelSaveStrategyWrapper``), None for
+    megatron's default."""
     from megatron.core import dist_checkpointing
 
-    final = checkpoint_dir(save_dir, step)
-    partial = final.with_name(final.name + ".partial")
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    dist.barrier()
+    partial_dir = _prepare_partial(save_dir, step)
     state = _state_dict(model, optimizer, scheduler, step, is_loading=False)
     try:
-        dist_checkpointing.save(state, str(partial), validate_access_integrity=True)
+        dist_checkpointing.save(state, str(partial_dir), sharded_strategy=strategy,
+                                validate_access_integrity=True)
     except (Exception, DCPCheckpointException) as exc:  # e.g. a full disk, as a worker failure
-        raise CheckpointError(_save_failure(partial, exc)) from exc
+        raise CheckpointError(_save_failure(partial_dir, exc)) from exc
+    return commit_checkpoint(save_dir, step, keep_last)
+
+
+def save_checkpoint_async(save_dir: str | Path, step: int, model, optimizer, scheduler,
+                          keep_last: int = 0, strategy=None):
+    """Start a save of ``step`` whose shards a forked writer process puts on disk; returns
+    megatron's ``AsyncRequest``. Its finalize functions (run on every rank by
+    ``AsyncCallsQueue.maybe_finalize_async_calls`` once every writer is done) write the
+    metadata, then ``commit_checkpoint``: until then the save is only ``iter_N.partial``."""
+    from megatron.core import dist_checkpointing
+
+    partial_dir = _prepare_partial(save_dir, step)
+    state = _state_dict(model, optimizer, scheduler, step, is_loading=False)
+    try:
+        # "mcore": megatron-core's own writer (the default "nvrx" needs nvidia-resiliency-ext)
+        request = dist_checkpointing.save(state, str(partial_dir), sharded_strategy=strategy,
+                                          validate_access_integrity=True,
+                                          async_sharded_save=True, async_strategy="mcore")
+    except (Exception, DCPCheckpointException) as exc:
+        raise CheckpointError(_save_failure(partial_dir, exc)) from exc
+    request.add_finalize_fn(lambda: commit_checkpoint(save_dir, step, keep_last))
+    return request
+
+
+def _prepare_partial(save_dir: str | Path, step: int) -> Path:
+    """An empty ``iter_N.partial`` directory, made by rank 0 and seen by all ranks."""
+    partial_dir = checkpoint_dir(save_dir, step).with_name(f"iter_{step:07d}.partial")
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        partial_dir.mkdir(parents=True)
     dist.barrier()
-    if rank == 0:
+    return partial_dir
+
+
+def commit_checkpoint(save_dir: str | Path, step: int, keep_last: int) -> Path:
+    """Once every rank's shards are on disk: ``iter_N.partial`` -> ``iter_N``, then ``latest``,
+    then pruning to ``keep_last`` (so ``latest`` never names an incomplete save)."""
+    final = checkpoint_dir(save_dir, step)
+    dist.barrier()
+    if dist.get_rank() == 0:
         if final.exists():
             shutil.rmtree(final)
-        os.replace(partial, final)
+        os.replace(final.with_name(final.name + ".partial"), final)
         _write_atomic(Path(save_dir) / LATEST, str(step))
         _prune(Path(save_dir), keep_last)
     dist.barrier()

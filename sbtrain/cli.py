@@ -1,12 +1,17 @@
-"""``sbtrain`` command: train, plan, stages, world-size, preprocess, convert."""
+"""``sbtrain`` command: train, plan, config, stages, world-size, preprocess, convert."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+import yaml
+
 from sbtrain.config import ConfigError, load_config
+from sbtrain.config.load import to_dict
+from sbtrain.console import setup_console
 
 USAGE = """usage: sbtrain <command> [args]
 
@@ -14,6 +19,9 @@ commands:
   train CONFIG [--set k=v]        train (use torchrun for several ranks)
   plan CONFIG [--json] [--world-size N] [--device-gib G ...]
                                   parameters, FLOPs per token and memory per rank, no device
+                                  (checks the config as train does)
+  config CONFIG [--stage S] [--set k=v]
+                                  the resolved config as YAML (every default filled in)
   preprocess --input X.jsonl --output-prefix P --tokenizer T
                                   jsonl text -> Megatron .bin/.idx
   stages CONFIG                   the names of the config's training stages, one per line
@@ -26,11 +34,14 @@ commands:
              [--w8aspike] [--out DIR]
                                   spike sparsity, firing, |s| histogram and energy per layer
                                   (JSON + PNG); --w8aspike adds INT8 group-128 weights
+  plot RUN_DIR [RUN_DIR ...] [--out PNG]
+                                  loss, eval loss, lr, grad norm, tokens/s, MFU of the runs'
+                                  metrics.jsonl in one PNG (default RUN_DIR/metrics.png)
 """
 
 
 def plan_main(argv: list[str]) -> int:
-    from sbtrain.config.validate import validate_layout
+    from sbtrain.config.validate import validate
     from sbtrain.profiler.plan import default_world_size, format_plan, make_plan
     from sbtrain.train import add_config_args
 
@@ -44,14 +55,30 @@ def plan_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, stage=args.stage)
-        # the same layout checks as a launch of that many ranks
-        validate_layout(cfg, args.world_size or default_world_size(cfg), args.config)
+        # the same checks as a launch of that many ranks
+        validate(cfg, args.world_size or default_world_size(cfg), args.config)
         plan = make_plan(cfg, world_size=args.world_size,
                          device_memory_gib=args.device_gib or [64.0, 80.0])
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def config_main(argv: list[str]) -> int:
+    from sbtrain.train import add_config_args
+
+    parser = argparse.ArgumentParser(prog="sbtrain config",
+                                     description="print the resolved config as YAML")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, stage=args.stage)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
@@ -94,7 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
+    if argv[0] != "train":  # sbtrain train sets the console up itself (it has --verbose)
+        setup_console()
+    try:
+        code = _run(argv[0], argv[1:])
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # e.g. `sbtrain stages X | head -1`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return code
+
+
+def _run(command: str, rest: list[str]) -> int:
     if command == "train":
         from sbtrain.train import main as train_main
 
@@ -105,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         from sbtrain.data.preprocess import main as preprocess_main
 
         return preprocess_main(rest)
+    if command == "config":
+        return config_main(rest)
     if command == "stages":
         return stages_main(rest)
     if command == "world-size":
@@ -117,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         from sbtrain.spiking.spikestats import main as spikestats_main
 
         return spikestats_main(rest)
+    if command == "plot":
+        from sbtrain.tools.plot import main as plot_main
+
+        return plot_main(rest)
     print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

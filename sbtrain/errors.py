@@ -24,3 +24,11 @@ class CheckpointError(KnownCause, RuntimeError):
 
 class CheckpointNotFound(KnownCause, FileNotFoundError):
     """No complete checkpoint where one is required (load_dir, pretrained)."""
+
+
+class MetricsFileExists(KnownCause, FileExistsError):
+    """A fresh run (nothing to resume) into a run directory that has another run's metrics."""
+
+
+class OptionalPackageMissing(KnownCause, ImportError):
+    """A config key asks for an optional package (tensorboard, wandb) that is not installed."""

@@ -7,7 +7,7 @@ import os
 import sys
 
 from sbtrain.config import ConfigError, load_config, stage_names
-from sbtrain.errors import KnownCause
+from sbtrain.errors import KnownCause, MetricsFileExists
 from sbtrain.safety import (EXIT_CONFIG, EXIT_DIVERGED, EXIT_ERROR, RunDirectoryLocked,
                             TrainingDiverged)
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Errors every rank raises alike, from one agreed decision: reported once, by rank 0.
-AGREED_ERRORS = (TrainingDiverged, RunDirectoryLocked)
+AGREED_ERRORS = (TrainingDiverged, RunDirectoryLocked, MetricsFileExists)
 
 
 def _train(cfg, source: str, verbose: bool = False) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 from functools import partial
@@ -13,8 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sbtrain.checkpoint import checkpoint_dir
+from sbtrain.checkpoint_writer import CheckpointWriter
 from sbtrain.config import RunConfig, dump_config
 from sbtrain.model.segments import segment_ids_from_tokens
+from sbtrain.observe import RunObserver
 from sbtrain.safety import RunLock, StepGuard, StopRequest, TrainingDiverged, Verdict
 from sbtrain.trainer_setup import TrainState, build_train_state
 from sbtrain.watchdog import Watchdog
@@ -70,6 +72,10 @@ class Trainer:
         self.lock = RunLock([cfg.train.run_dir, cfg.checkpoint.save_dir])
         self._local_loss = 0.0
         """This rank's share of the last step's loss, before any reduction (the guard's input)."""
+        self.writer: CheckpointWriter | None = None
+        """Checkpoint saves (asynchronous with checkpoint.async_save); built by setup()."""
+        self.observer: RunObserver | None = None
+        """metrics.jsonl and its sinks, traces, the end-of-run plot; built by setup()."""
 
     def setup(self) -> TrainState:
         from megatron.core.utils import get_model_config
@@ -80,8 +86,13 @@ class Trainer:
         self.guard = StepGuard(t.max_skipped_steps, t.loss_spike_factor, self.state.model,
                                self.state.device)
         tconfig = get_model_config(self.state.model)
-        tconfig.finalize_model_grads_func = self.guard.wrap_finalize(
-            tconfig.finalize_model_grads_func)
+        tconfig.finalize_model_grads_func = self._timed_grad_reduce(
+            self.guard.wrap_finalize(tconfig.finalize_model_grads_func))
+        ck = self.cfg.checkpoint
+        self.writer = CheckpointWriter(ck.save_dir, ck.keep_last, ck.async_save,
+                                       ck.fully_parallel_save, self.state.groups.pg_collection.dp)
+        self.observer = RunObserver(self.cfg, self.state.start_step, self.state.is_logging_rank,
+                                    self.state.device, self.state.groups.rank)
         if self.cfg.data.document_mask:
             from sbtrain.data.datasets import document_eod
 
@@ -106,6 +117,25 @@ class Trainer:
             batch = slice_microbatch(batch, sp.rank(), sp.size())
             yield {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
 
+    def _timed_batches(self, batches):
+        """The schedule's data iterator, charging the wait for each micro-batch to data_wait."""
+        tracker = self.state.tracker
+        while True:
+            with tracker.section("data_wait", parent="forward_backward", sync=False):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+
+    def _timed_grad_reduce(self, finalize):
+        """Charge Megatron's gradient finalization (the data-parallel reduction, not overlapped
+        with backward: overlap_grad_reduce is off) to grad_reduce."""
+        def timed(*args, **kwargs):
+            with self.state.tracker.section("grad_reduce", parent="forward_backward"):
+                return finalize(*args, **kwargs)
+
+        return timed
+
     def _run_schedule(self, step: int, split: str, forward_only: bool) -> float:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -114,7 +144,7 @@ class Trainer:
         losses = get_forward_backward_func()(
             forward_step_func=partial(_forward_step, loss_chunk_tokens=t.resolved_loss_chunk_tokens(
                 self.cfg.parallel.tp, s.device.type)),
-            data_iterator=self._device_batches(step, split),
+            data_iterator=self._timed_batches(self._device_batches(step, split)),
             model=[s.model],
             num_microbatches=num_micro,
             # Stages exchange this rank's slice plus the sink tokens' positions; Megatron
@@ -219,12 +249,21 @@ class Trainer:
         watchdog.start()
         try:
             records = self._loop(stop, watchdog)
+            self.finalize_saves()
+        except TrainingDiverged:  # agreed by all ranks: the save in flight is still good
+            self.finalize_saves()
+            raise
+        except BaseException:  # maybe this rank only: a collective finalize could hang
+            self.writer.abort()
+            raise
         finally:
             watchdog.stop()
             self.watchdog = None
             stop.uninstall()
             self.lock.release()
+            self.observer.close()
         self._write_summary()
+        self.observer.plot()
         return records
 
     def _loop(self, stop: StopRequest, watchdog: Watchdog) -> list[dict]:
@@ -234,8 +273,10 @@ class Trainer:
         tokens_per_step = t.global_batch_size * t.seq_length
         for step in range(s.start_step, t.train_iters):
             s.tracker.start_step()
+            self.observer.step_begins(step + 1)
             record, verdict = self.train_step(step, stop)
             stats = s.tracker.end_step(tokens_per_step)
+            self.observer.step_ends(step + 1)
             record.update(step=step + 1, **_stats_fields(stats))
             if step == s.start_step and step > 0:
                 record["resumed_from"] = step  # metrics.jsonl: the steps after are re-runs
@@ -243,11 +284,16 @@ class Trainer:
                 record["eval_loss"] = self.evaluate(step)
             records.append(record)
             self._log(record, stats)
-            self._report_skip(record)
             watchdog.beat()
-            if ck.save_dir and ck.save_interval and (step + 1) % ck.save_interval == 0:
-                self.save(step + 1)
-                watchdog.beat()
+            if not ("skipped" in record and self.guard.diverged):  # diverged: no save
+                blocked = self._finalize_saves(blocking=False)
+                if ck.save_dir and ck.save_interval and (step + 1) % ck.save_interval == 0:
+                    blocked += self.save(step + 1)
+                    watchdog.beat()
+                s.tracker.add_after_step("checkpoint", blocked)
+            record.update({f"time_{name}_s": t for name, t in stats.sections_s.items()})
+            self.observer.write(record)
+            self._report_skip(record)
             if verdict.stop_reason:
                 self._say(f"stopping after step {step + 1}: {verdict.stop_reason}")
                 break
@@ -276,14 +322,34 @@ class Trainer:
         if self.state.is_logging_rank:
             print(line, flush=True)
 
-    def save(self, step: int) -> None:
-        from sbtrain.checkpoint import save_checkpoint
-
+    def save(self, step: int, blocking: bool = False) -> float:
+        """Save ``step`` (collective). With ``checkpoint.async_save`` the shards are written in
+        the background and committed later (``finalize_saves``) unless ``blocking``. Returns
+        the seconds training was blocked."""
         s = self.state
-        path = save_checkpoint(self.cfg.checkpoint.save_dir, step, s.model, s.optimizer,
-                               s.scheduler, keep_last=self.cfg.checkpoint.keep_last)
-        if s.is_logging_rank:
-            print(f"saved checkpoint {path}", flush=True)
+        blocked = self.writer.save(step, s.model, s.optimizer, s.scheduler)
+        if self.writer.pending:
+            self._say(f"checkpoint step {step}: writing in the background (blocked "
+                      f"{blocked:.2f} s)")
+            if blocking:
+                blocked += self.finalize_saves()
+        else:
+            self._say(f"saved checkpoint {checkpoint_dir(self.cfg.checkpoint.save_dir, step)} "
+                      f"(blocked {blocked:.2f} s)")
+        return blocked
+
+    def finalize_saves(self) -> float:
+        """Wait for every asynchronous save in flight and commit it (collective); returns the
+        seconds waited. Called at the end of train(), also after a stop signal."""
+        return self._finalize_saves(blocking=True)
+
+    def _finalize_saves(self, blocking: bool) -> float:
+        before = list(self.writer.pending)
+        waited = self.writer.wait() if blocking else self.writer.poll()
+        for step in before[:len(before) - len(self.writer.pending)]:
+            self._say(f"saved checkpoint {checkpoint_dir(self.cfg.checkpoint.save_dir, step)} "
+                      f"(committed in the background; waited {waited:.2f} s)")
+        return waited
 
     def _log(self, record: dict, stats) -> None:
         s = self.state
@@ -301,8 +367,6 @@ class Trainer:
             if "eval_loss" in record:
                 line += f" | eval {record['eval_loss']:.4f}"
             print(line, flush=True)
-        with open(Path(self.cfg.train.run_dir) / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
 
     def _write_summary(self) -> None:
         s = self.state

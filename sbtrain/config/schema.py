@@ -399,6 +399,13 @@ class CheckpointConfig:
     loaded weights-only at step 0 under any layout; a relaunch resumes from save_dir instead."""
     keep_last: int = 0
     """Delete older checkpoints beyond this many; 0 keeps all."""
+    async_save: bool = False
+    """Write the shards in a background process (megatron-core's async save) while training
+    goes on; the save is committed (``iter_N``, ``latest``, pruning) once every rank's writer is
+    done, at the latest before the next save and at the end of the run."""
+    fully_parallel_save: bool = True
+    """Spread the writing of data-parallel replicated shards over the data-parallel ranks
+    (megatron-core's FullyParallelSaveStrategyWrapper) instead of the first replica's rank."""
 
     def __post_init__(self) -> None:
         check_at_least(self, "checkpoint", 0, ("save_interval", "keep_last"))
@@ -406,7 +413,7 @@ class CheckpointConfig:
 
 @dataclass
 class ProfilerConfig:
-    """MFU/TGS accounting."""
+    """MFU/TGS accounting, experiment tracking and traces."""
 
     peak_flops: float = 0.0
     """Dense bf16 peak per device in FLOP/s; 0 means the platform's table value."""
@@ -416,11 +423,37 @@ class ProfilerConfig:
     """Device memory ``train.recompute: auto`` plans against; 0 means the device's own size at
     train start (``sbtrain plan``: the largest ``--device-gib``, else 80)."""
 
+    tensorboard: bool = False
+    """Also log every metrics.jsonl record to TensorBoard in ``RUN_DIR/tensorboard`` (needs the
+    optional ``tensorboard`` package)."""
+    wandb: bool = False
+    """Also log every metrics.jsonl record and the resolved config to Weights & Biases (needs
+    the optional ``wandb`` package)."""
+    wandb_project: str = "sbtrain"
+    """W&B project; the W&B run is named after the run directory."""
+    wandb_mode: str = "offline"
+    """offline (no network; ``wandb sync`` later) | online | disabled."""
+    trace_steps: list[int] = field(default_factory=list)
+    """``[a, b]``: a per-rank torch.profiler trace of steps a..b (counted from 1) into
+    ``RUN_DIR/traces``; empty: none."""
+    memory_snapshot: bool = False
+    """Record the CUDA allocator's history and dump it to ``RUN_DIR/memory`` on an
+    out-of-memory error and at the end (a note and nothing on CPU)."""
+
     def __post_init__(self) -> None:
         if self.device_memory_gib < 0:
             raise ConfigError("must be >= 0 (0: the device's size)",
                               key="profiler.device_memory_gib")
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"must be one of {WANDB_MODES}, got {self.wandb_mode!r}",
+                              key="profiler.wandb_mode")
+        steps = self.trace_steps
+        if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+            raise ConfigError(f"must be [first, last] with 1 <= first <= last, got {steps}",
+                              key="profiler.trace_steps")
 
+
+WANDB_MODES = ("offline", "online", "disabled")
 
 # spiking.weight_quant value -> INT8 group size along the input dim (0: float weights).
 WEIGHT_QUANT = {"none": 0, "int8_g128": 128}

@@ -69,24 +69,43 @@ class ThroughputTracker:
         self._sync = sync
         self._step_start: float | None = None
         self._sections: dict[str, float] = {}
+        self._nested: dict[str, float] = {}
         self._peak_memory: int | None = None
         self.history: list[StepStats] = []
 
     def start_step(self) -> None:
         self._synchronize()
-        self._sections = {}
+        self._sections, self._nested = {}, {}
         self._step_start = self._clock()
 
     @contextlib.contextmanager
-    def section(self, name: str) -> Iterator[None]:
-        """Time a named part of the current step; repeated sections add up."""
-        self._synchronize()
+    def section(self, name: str, parent: str | None = None, sync: bool = True) -> Iterator[None]:
+        """Time a named part of the current step; repeated sections add up. A section inside
+        ``parent`` is taken out of the parent's time, so the sections do not overlap (e.g.
+        data_wait and grad_reduce happen inside the schedule's forward_backward). ``sync=False``
+        reads the clock without waiting for the device (host-side work such as data loading)."""
+        if sync:
+            self._synchronize()
         start = self._clock()
         try:
             yield
         finally:
-            self._synchronize()
-            self._sections[name] = self._sections.get(name, 0.0) + self._clock() - start
+            if sync:
+                self._synchronize()
+            self.add_time(name, self._clock() - start, parent)
+
+    def add_time(self, name: str, seconds: float, parent: str | None = None) -> None:
+        """Charge ``seconds`` to section ``name`` of the current step (see ``section``)."""
+        self._sections[name] = self._sections.get(name, 0.0) + seconds
+        if parent is not None:
+            self._nested[parent] = self._nested.get(parent, 0.0) + seconds
+
+    def add_after_step(self, name: str, seconds: float) -> None:
+        """Charge work done between steps (e.g. the time a checkpoint save blocked training)
+        to the last finished step's sections; its step time and throughput stay as they were."""
+        if self.history:
+            sections = self.history[-1].sections_s
+            sections[name] = sections.get(name, 0.0) + seconds
 
     def end_step(self, tokens: int) -> StepStats:
         """Close the step; ``tokens`` = tokens processed by the step over all devices."""
@@ -96,6 +115,9 @@ class ThroughputTracker:
         elapsed = max(self._clock() - self._step_start, 1e-12)
         self._step_start = None
         peak = self._read_peak_memory()
+        for parent, inner in self._nested.items():
+            if parent in self._sections:
+                self._sections[parent] = max(self._sections[parent] - inner, 0.0)
         stats = StepStats(
             step=len(self.history) + 1,
             step_time_s=elapsed,

@@ -1,0 +1,1 @@
+"""Small user-facing tools that read a run directory (``sbtrain plot``)."""
