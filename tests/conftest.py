@@ -29,18 +29,42 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-# Single-process reference curves, trained once per test session and shared by every module
-# that compares a layout (or a resumed / guarded run) against the same config: each launch
-# costs seconds of imports.
+# The parity runs of tests/parallel/plan.py, trained once per test session: one launch per
+# world size (a launch costs seconds of imports per rank, a tiny run about one second).
 @pytest.fixture(scope="session")
-def one_process_curve(tmp_path_factory):
-    """``one_process_curve(overrides)``: the metrics of a one-rank run of the tiny config."""
-    from tests.parallel.harness import run  # the harness imports yaml: only for tests that launch
+def planned(tmp_path_factory):
+    """``planned(ranks)``: ``{run name: metrics}`` of every planned run on that many ranks."""
+    from tests.parallel.harness import run_many  # the harness imports yaml: only for launches
+    from tests.parallel.plan import plan
 
+    groups = plan()
+    cache: dict[int, dict[str, list[dict]]] = {}
+
+    def curves(nproc: int) -> dict[str, list[dict]]:
+        if nproc not in cache:
+            cache[nproc] = run_many(tmp_path_factory.mktemp(f"planned{nproc}"), nproc,
+                                    groups[nproc])
+        return cache[nproc]
+
+    return curves
+
+
+# Single-process reference curves, trained once per test session and shared by every module
+# that compares a layout (or a resumed / guarded run) against the same config: a planned one
+# comes from the one-rank planned launch.
+@pytest.fixture(scope="session")
+def one_process_curve(tmp_path_factory, planned):
+    """``one_process_curve(overrides)``: the metrics of a one-rank run of the tiny config."""
+    from tests.parallel.harness import run
+    from tests.parallel.plan import plan
+
+    by_key = {json.dumps(o, sort_keys=True): name for name, o in plan()[1].items()}
     cache: dict[str, list[dict]] = {}
 
     def curve(overrides: dict) -> list[dict]:
         key = json.dumps(overrides, sort_keys=True)
+        if key in by_key:
+            return planned(1)[by_key[key]]
         if key not in cache:
             cache[key] = run(tmp_path_factory.mktemp("one_process"), "one", 1, overrides)
         return cache[key]

@@ -79,6 +79,24 @@ def run(tmp: Path, name: str, nproc: int, overrides: dict, extra: list[str] | No
     return metrics(tmp / name)
 
 
+def run_many(tmp: Path, nproc: int, runs: dict[str, dict], timeout: int = 600) -> dict[str, list[dict]]:
+    """Train every ``{name: overrides}`` run, in order, in ONE ``nproc``-rank launch
+    (``tests/parallel/multi_run.py``); returns each run's metrics. A run may resume from the
+    checkpoint an earlier one in the same dict saved (``{tmp}`` in a string value is ``tmp``)."""
+    def fill(value):
+        return value.replace("{tmp}", str(tmp)) if isinstance(value, str) else value
+
+    configs = [str(write_config(tmp, name, {k: fill(v) for k, v in overrides.items()}))
+               for name, overrides in runs.items()]
+    cmd = torchrun_cmd(nproc, [str(REPO / "tests/parallel/multi_run.py")] + configs)
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{nproc}-rank launch of {list(runs)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return {name: metrics(tmp / name) for name in runs}
+
+
 def assert_same_curve(ref: list[dict], got: list[dict], tol: float = 1e-5) -> None:
     assert [r["step"] for r in ref] == [g["step"] for g in got]
     for r, g in zip(ref, got):

@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 from tests.parallel.harness import REPO, assert_same_curve, run
-
-STEPS = {"train.train_iters": 4, "optim.decay_iters": 4}
+from tests.parallel.plan import STEPS
 
 
 def _interrupted(tmp, name, nproc_first, first, nproc_second, second, common):
@@ -17,16 +16,17 @@ def _interrupted(tmp, name, nproc_first, first, nproc_second, second, common):
 
 
 def test_resume_is_exact(tmp_path, one_process_curve):
+    """The one resume in a fresh launch (the planned resumes run inside one launch)."""
     full = one_process_curve(STEPS)
     resumed = _interrupted(tmp_path, "r", 1, {}, 1, {}, {})
     assert [r["step"] for r in resumed] == [3, 4]
     assert_same_curve(full[2:], resumed, tol=1e-6)
 
 
-def test_checkpoint_reshards_dp2_to_pp2(tmp_path, one_process_curve):
-    full = one_process_curve(STEPS)
-    resumed = _interrupted(tmp_path, "dp2pp2", 2, {}, 2, {"parallel.pp": 2}, {})
-    assert_same_curve(full[2:], resumed, tol=1e-5)
+def test_checkpoint_reshards_dp2_to_pp2(planned):
+    resumed = planned(2)["reshard_dp2_pp2.b"]
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert_same_curve(planned(1)["steps"][2:], resumed, tol=1e-5)
 
 
 # MoE resume under EP2: tests/parallel/test_76b_layouts.py (MoE with sinks and H/F mixers).

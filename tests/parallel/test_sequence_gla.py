@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from tests.parallel.ranks import spawn_cases
 
 B, T, H, HKV, K, V = 2, 23, 4, 2, 8, 6
 SCALE = K ** -0.5
@@ -58,42 +59,51 @@ def _reference(q, k, v, g, weight, segments, documents: bool, initial=None):
     return out.detach(), grads
 
 
-def _worker(rank: int, world: int, store: str, documents: bool, initial: bool) -> None:
+def _check(rank: int, world: int, documents: bool, initial: bool) -> None:
     from parallel.sequence_gla import sp_gla
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        q, k, v, g, weight, segments, state = _inputs()
-        state = state if initial else None
-        ref_out, ref_grads = _reference(q, k, v, g, weight, segments, documents, state)
-        lo, hi = _bounds(world)[rank:rank + 2]
-        mine = [t[:, lo:hi].clone().requires_grad_() for t in (q, k, v, g)]
-        if initial:
-            state = state.clone().requires_grad_()
-        seg = segments[:, lo:hi] if documents else None
-        out = sp_gla(*mine, SCALE, dist.group.WORLD, seg, initial_state=state)
-        (out * weight[:, lo:hi]).sum().backward()
-        torch.testing.assert_close(out, ref_out[:, lo:hi], rtol=1e-9, atol=1e-9)
-        for name, leaf, ref in zip("qkvg", mine, ref_grads):
-            torch.testing.assert_close(leaf.grad, ref[:, lo:hi], rtol=1e-9, atol=1e-9,
-                                       msg=lambda m, n=name: f"rank {rank} d{n}: {m}")
-        if initial:
-            # each rank holds its slice's share of the initial state's gradient
-            dist.all_reduce(state.grad)
-            torch.testing.assert_close(state.grad, ref_grads[4], rtol=1e-9, atol=1e-9)
-    finally:
-        dist.destroy_process_group()
+    q, k, v, g, weight, segments, state = _inputs()
+    state = state if initial else None
+    ref_out, ref_grads = _reference(q, k, v, g, weight, segments, documents, state)
+    lo, hi = _bounds(world)[rank:rank + 2]
+    mine = [t[:, lo:hi].clone().requires_grad_() for t in (q, k, v, g)]
+    if initial:
+        state = state.clone().requires_grad_()
+    seg = segments[:, lo:hi] if documents else None
+    out = sp_gla(*mine, SCALE, dist.group.WORLD, seg, initial_state=state)
+    (out * weight[:, lo:hi]).sum().backward()
+    torch.testing.assert_close(out, ref_out[:, lo:hi], rtol=1e-9, atol=1e-9)
+    for name, leaf, ref in zip("qkvg", mine, ref_grads):
+        torch.testing.assert_close(leaf.grad, ref[:, lo:hi], rtol=1e-9, atol=1e-9,
+                                   msg=lambda m, n=name: f"rank {rank} d{n}: {m}")
+    if initial:
+        # each rank holds its slice's share of the initial state's gradient
+        dist.all_reduce(state.grad)
+        torch.testing.assert_close(state.grad, ref_grads[4], rtol=1e-9, atol=1e-9)
 
 
 GLA_CASES = [(2, False, False), (4, True, False), (2, True, True), (4, True, True)]
 
 
-@pytest.mark.parametrize("world,documents,initial", GLA_CASES,
-                         ids=["sp2-one_document", "sp4-packed_documents",
-                              "sp2-documents_initial_state", "sp4-documents_initial_state"])
-def test_sequence_parallel_gla_matches_one_process(world, documents, initial, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), documents, initial), nprocs=world,
-             join=True)
+GLA_IDS = ["sp2-one_document", "sp4-packed_documents", "sp2-documents_initial_state",
+           "sp4-documents_initial_state"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every case, one spawn per world size (tests/parallel/ranks.py)."""
+    tmp = tmp_path_factory.mktemp("sequence_gla")
+    out = {}
+    for world in (2, 4):
+        out.update(spawn_cases(tmp, world, {
+            name: (_check, documents, initial)
+            for name, (n, documents, initial) in zip(GLA_IDS, GLA_CASES) if n == world}))
+    return out
+
+
+@pytest.mark.parametrize("case", GLA_IDS)
+def test_sequence_parallel_gla_matches_one_process(case, results):
+    assert results[case] == "", results[case]
 
 
 def test_reference_documents_differ():

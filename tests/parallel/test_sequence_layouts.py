@@ -1,7 +1,7 @@
 """Sequence parallelism end to end (gloo, CPU): the tiny SpikingBrain-7B (GLA + sliding window,
 packed documents) and 76B (H/F parallel hybrids, sink tokens, MoE) shapes trained with SP2, SP4,
 SP2xDP2 and SP2xPP2 (76B: SP2xEP2) reproduce one process over 3 steps (7B SP2xDP2 and 76B SP4
-with the chunked loss); a checkpoint taken under
+with the chunked loss; the runs are in tests/parallel/plan.py); a checkpoint taken under
 SP2 resumes exactly; a staged 16 -> 32 -> 64 token schedule changes seq length and SP size per
 stage from one YAML, each stage starting from the previous stage's weights.
 
@@ -13,50 +13,26 @@ from __future__ import annotations
 
 import pytest
 
-from tests.parallel.harness import assert_same_curve, launch, metrics, run, write_config
-from tests.parallel.test_76b_layouts import SHAPE_76B
-from tests.parallel.test_checkpoint import STEPS, _interrupted
-from tests.parallel.test_layouts import HYBRID
+from tests.parallel.harness import assert_same_curve, launch, metrics, write_config
+from tests.parallel.plan import HYBRID, LAYOUTS
 
-SHAPES = {"7b": HYBRID, "76b": SHAPE_76B}
-LAYOUTS = {
-    ("7b", "sp4"): (4, {"parallel.sp": 4}),
-    # with the chunked loss (5 tokens per chunk: chunks that do not divide the 8-token
-    # slices), which must train Megatron's output layer + cross-entropy curve
-    ("7b", "sp2_dp2"): (4, {"parallel.sp": 2, "train.loss_chunk_tokens": 5}),
-    ("7b", "sp2_pp2"): (4, {"parallel.sp": 2, "parallel.pp": 2}),
-    ("76b", "sp2_ep2"): (2, {"parallel.sp": 2, "parallel.ep": 2}),
-    ("76b", "sp4"): (4, {"parallel.sp": 4, "train.loss_chunk_tokens": 5}),
-    ("76b", "sp2_dp2"): (4, {"parallel.sp": 2}),
-    ("76b", "sp2_pp2"): (4, {"parallel.sp": 2, "parallel.pp": 2}),
-}
+SEQUENCE = sorted(k for k in LAYOUTS if k[1].startswith("sp"))
 
 
-@pytest.fixture(scope="module")
-def baselines(one_process_curve):
-    return {shape: one_process_curve(overrides) for shape, overrides in SHAPES.items()}
+@pytest.mark.parametrize("shape,layout", SEQUENCE, ids=["-".join(k) for k in SEQUENCE])
+def test_sequence_parallel_layout_matches_single_process(shape, layout, planned):
+    nproc, _ = LAYOUTS[shape, layout]
+    assert_same_curve(planned(1)[shape], planned(nproc)[f"{shape}.{layout}"])
 
 
-@pytest.mark.parametrize("shape,layout", sorted(LAYOUTS), ids=["-".join(k) for k in sorted(LAYOUTS)])
-def test_sequence_parallel_layout_matches_single_process(shape, layout, baselines, tmp_path):
-    nproc, overrides = LAYOUTS[shape, layout]
-    got = run(tmp_path, layout, nproc, {**SHAPES[shape], **overrides})
-    assert_same_curve(baselines[shape], got)
+# The baselines' guard against a vacuous comparison: tests/parallel/test_layouts.py.
 
 
-def test_baselines_train(baselines):
-    # guards against a vacuous comparison: gradients flow and the weights change per step
-    for curve in baselines.values():
-        assert len(curve) == 3 and all(r["grad_norm"] > 0 for r in curve)
-        assert len({r["loss"] for r in curve}) == 3
-
-
-def test_resume_under_sp2_is_exact(tmp_path):
-    common = {**SHAPE_76B, "parallel.sp": 2}
-    full = run(tmp_path, "full", 2, {**STEPS, **common})
-    resumed = _interrupted(tmp_path, "sp2", 2, {}, 2, {}, common)
+def test_resume_under_sp2_is_exact(planned):
+    runs = planned(2)
+    resumed = runs["resume_76b_sp2.b"]
     assert [r["step"] for r in resumed] == [3, 4]
-    assert_same_curve(full[2:], resumed, tol=1e-6)
+    assert_same_curve(runs["resume_76b_sp2.full"][2:], resumed, tol=1e-6)
 
 
 STAGES = [

@@ -8,7 +8,7 @@ from parallel.init import init_parameters_globally
 from sbtrain.config import RunConfig
 from sbtrain.config.schema import ModelConfig, SpikingConfig
 from sbtrain.convert.session import one_process_model
-from tests.parallel.harness import assert_same_curve, run
+from tests.parallel.harness import assert_same_curve
 
 
 def spiking_cfg(pattern: str = "L-W-*E") -> RunConfig:
@@ -52,28 +52,24 @@ def test_spiking_linear_sees_the_neuron_output():
     assert not torch.allclose(out.detach(), x @ fc1.weight.detach().T)
 
 
-HYBRID = {"model.pattern": "L-W-L-W-", "model.sliding_window": 4, "spiking.enabled": True}
-MOE = {"model.pattern": "L-WE", "spiking.enabled": True}
-
-
-def test_spiking_training_matches_across_layouts(tmp_path):
+def test_spiking_training_matches_across_layouts(planned):
     """TP2 (row-parallel inputs sum |x| over the TP group), PP2 and EP2 reproduce one process
-    (the neuron is per token, so sequence slices cannot change it)."""
-    hybrid = run(tmp_path, "hybrid", 1, HYBRID)
-    assert_same_curve(hybrid, run(tmp_path, "tp2", 2, {**HYBRID, "parallel.tp": 2}))
-    assert_same_curve(hybrid, run(tmp_path, "pp2", 2, {**HYBRID, "parallel.pp": 2}))
-    moe = run(tmp_path, "moe", 1, MOE)
-    assert_same_curve(moe, run(tmp_path, "ep2", 2, {**MOE, "parallel.ep": 2}))
-    plain = run(tmp_path, "plain", 1, {**HYBRID, "spiking.enabled": False})
-    assert abs(plain[0]["loss"] - hybrid[0]["loss"]) > 1e-4   # the neuron changed the numbers
+    (the neuron is per token, so sequence slices cannot change it). The runs are in
+    tests/parallel/plan.py (one launch per world size)."""
+    one, two = planned(1), planned(2)
+    assert_same_curve(one["spiking"], two["spiking.tp2"])
+    assert_same_curve(one["spiking"], two["spiking.pp2"])
+    assert_same_curve(one["spiking_moe"], two["spiking_moe.ep2"])
+    # the neuron changed the numbers
+    assert abs(one["spiking_off"][0]["loss"] - one["spiking"][0]["loss"]) > 1e-4
 
 
-def test_firing_statistics_are_logged_and_layout_independent(tmp_path):
+def test_firing_statistics_are_logged_and_layout_independent(planned):
     """Logged steps carry the mean |spike count| and firing fraction, summed over all ranks."""
-    one = run(tmp_path, "one", 1, HYBRID)
-    dp2 = run(tmp_path, "dp2", 2, HYBRID)
+    one, dp2 = planned(1)["spiking"], planned(2)["spiking.dp2"]
+    assert len(one) == len(dp2) == 3
     for a, b in zip(one, dp2):
         assert 0.0 < a["spike_firing_rate"] < 1.0 and a["spike_mean_count"] > 0.0
         assert abs(a["spike_firing_rate"] - b["spike_firing_rate"]) < 1e-9
         assert abs(a["spike_mean_count"] - b["spike_mean_count"]) < 1e-9
-    assert "spike_firing_rate" not in run(tmp_path, "off", 1, {**HYBRID, "spiking.enabled": False})[0]
+    assert "spike_firing_rate" not in planned(1)["spiking_off"][0]
