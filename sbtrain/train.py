@@ -7,6 +7,7 @@ import os
 import sys
 
 from sbtrain.config import ConfigError, load_config, stage_names
+from sbtrain.console import env_rank, setup_console
 from sbtrain.errors import KnownCause, MetricsFileExists
 from sbtrain.safety import (EXIT_CONFIG, EXIT_DIVERGED, EXIT_ERROR, RunDirectoryLocked,
                             TrainingDiverged)
@@ -28,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sbtrain train", description=__doc__)
     add_config_args(parser)
     parser.add_argument("--verbose", action="store_true",
-                        help="show the full traceback of errors whose cause is known")
+                        help="show the full traceback of errors whose cause is known, DEBUG "
+                        "logs and every third-party warning (sbtrain.console)")
     args = parser.parse_args(argv)
+    setup_console(args.verbose)
     try:
         names = stage_names(args.config)
         if args.stage == ALL_STAGES:
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             run = [args.stage]
         configs = [load_config(args.config, args.overrides, stage=name) for name in run]
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        _config_error(exc)
         return EXIT_CONFIG
     from parallel.groups import destroy_parallel_groups
 
@@ -60,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _config_error(exc: ConfigError) -> None:
+    """Every rank reads the same YAML and fails alike: rank 0 says it once."""
+    if env_rank()[0] == 0:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+
+
 # Errors every rank raises alike, from one agreed decision: reported once, by rank 0.
 AGREED_ERRORS = (TrainingDiverged, RunDirectoryLocked, MetricsFileExists)
 
@@ -72,7 +81,7 @@ def _train(cfg, source: str, verbose: bool = False) -> int:
         trainer.setup()
         trainer.train()
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        _config_error(exc)
         return EXIT_CONFIG
     except KnownCause as exc:
         if verbose:

@@ -18,6 +18,7 @@ from sbtrain.config import RunConfig, dump_config
 from sbtrain.model.segments import segment_ids_from_tokens
 from sbtrain.observe import RunObserver
 from sbtrain.safety import RunLock, StepGuard, StopRequest, TrainingDiverged, Verdict
+from sbtrain.setup_report import report_setup
 from sbtrain.trainer_setup import TrainState, build_train_state
 from sbtrain.watchdog import Watchdog
 
@@ -100,6 +101,7 @@ class Trainer:
         if self.state.is_logging_rank:
             run_dir = Path(self.cfg.train.run_dir)
             dump_config(self.cfg, run_dir / "resolved_config.yaml")
+            report_setup(self.cfg, self.state)
         return self.state
 
     def _device_batches(self, step: int, split: str):

@@ -7,6 +7,7 @@ Megatron DDP -> distributed optimizer + LR schedule -> datasets -> resume -> pro
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,8 @@ import torch
 from sbtrain.config import RunConfig, validate
 from sbtrain.errors import CheckpointNotFound
 from sbtrain.profiler.recompute import resolve_recompute
+
+logger = logging.getLogger("sbtrain.train")
 
 
 @dataclasses.dataclass
@@ -180,10 +183,16 @@ def _maybe_resume(cfg: RunConfig, model, optimizer, scheduler) -> int:
                     f"checkpoint.pretrained {ck.pretrained} has no complete checkpoint (in a "
                     "staged run the previous stage writes it: run that stage first)")
             load_checkpoint(ck.pretrained, model, None, None)
+            logger.info("weights from checkpoint.pretrained %s (step %d), fresh optimizer",
+                        ck.pretrained, latest_step(ck.pretrained))
         return 0
     if ck.load_optimizer:
-        return load_checkpoint(load_dir, model, optimizer, scheduler)
+        step = load_checkpoint(load_dir, model, optimizer, scheduler)
+        logger.info("resumed from %s at step %d (weights, optimizer, LR schedule)", load_dir, step)
+        return step
     load_checkpoint(load_dir, model, None, None)
+    logger.info("weights from %s (step %d), fresh optimizer (checkpoint.load_optimizer false)",
+                load_dir, latest_step(load_dir))
     return 0
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 from sbtrain.config.errors import ConfigError
 from sbtrain.config.schema import RunConfig
+
+logger = logging.getLogger("sbtrain.config")
 
 
 def validate(cfg: RunConfig, world_size: int, source: str = "") -> None:
@@ -80,6 +84,11 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> None:
 def _check_pipeline_cuts(pattern: str, pp: int) -> None:
     """Explicit '|' cuts must give pp stages of whole, equal numbers of layers."""
     if "|" not in pattern:
+        return
+    if pp == 1:
+        # one stage: a YAML written for pp > 1 (e.g. spikingbrain_7b.yaml) still runs with
+        # --set parallel.pp=1; the cuts only mark where stages would begin
+        logger.info("model.pattern: the '|' pipeline cuts are ignored with pp = 1")
         return
     pieces = ["".join(piece.split()) for piece in pattern.split("|")]
     if len(pieces) != pp or any(len(piece) % 2 for piece in pieces):

@@ -71,12 +71,16 @@ class ThroughputTracker:
         self._sections: dict[str, float] = {}
         self._nested: dict[str, float] = {}
         self._peak_memory: int | None = None
+        self._run_start: float | None = None
+        """When this run's first step started (elapsed time and ETA)."""
         self.history: list[StepStats] = []
 
     def start_step(self) -> None:
         self._synchronize()
         self._sections, self._nested = {}, {}
         self._step_start = self._clock()
+        if self._run_start is None:
+            self._run_start = self._step_start
 
     @contextlib.contextmanager
     def section(self, name: str, parent: str | None = None, sync: bool = True) -> Iterator[None]:
@@ -203,8 +207,25 @@ class ThroughputTracker:
     def format_step(self, stats: StepStats, *, total_steps: int | None = None,
                     loss: float | None = None, lr: float | None = None,
                     grad_norm: float | None = None) -> str:
+        """The step line with elapsed time since this run's first step and the ETA to
+        ``total_steps`` at the pace of this run so far (the peak's source: ``describe_peak``)."""
+        elapsed = eta = None
+        if self._run_start is not None and self.history:
+            elapsed = self._clock() - self._run_start
+            if total_steps:
+                eta = elapsed / len(self.history) * max(total_steps - stats.step, 0)
         return format_step(stats, total_steps=total_steps, loss=loss, lr=lr, grad_norm=grad_norm,
-                           peak_flops=self.peak_flops_per_device, peak_source=self.peak_source)
+                           elapsed_s=elapsed, eta_s=eta)
+
+    def describe_peak(self) -> str:
+        """What MFU is measured against, said once at the start rather than on every line."""
+        if self.peak_flops_per_device <= 0:
+            return "MFU: no peak FLOP/s known (set profiler.peak_flops or SB_PEAK_FLOPS)"
+        tflops = self.peak_flops_per_device / 1e12
+        # Small (CPU) peaks would print as "0" with no decimals.
+        shown = f"{tflops:,.0f}" if tflops >= 100 else f"{tflops:.3g}"
+        return (f"MFU against {shown} TFLOP/s per device x {self.num_devices} "
+                f"({self.peak_source})")
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
@@ -215,9 +236,9 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 
 def format_step(stats: StepStats, *, total_steps: int | None = None, loss: float | None = None,
                 lr: float | None = None, grad_norm: float | None = None,
-                peak_flops: float | None = None, peak_source: str | None = None) -> str:
-    """One progress line, e.g. ``step 5/100 | loss 4.1234 | lr 3.0e-04 | gnorm 1.23 |
-    12,345 tok/s | TGS 3,086 | MFU 12.3% (peak 989 TFLOP/s, H100 table) | mem 1.2 GiB``.
+                elapsed_s: float | None = None, eta_s: float | None = None) -> str:
+    """One progress line under ~120 characters, e.g. ``step 5/100 | loss 4.1234 | lr 3.0e-04 |
+    gn 1.23 | 12,345 tok/s | TGS 3,086 | MFU 12.3% | 1.2 GiB | 0:05 eta 1:35``.
     Fields given as None are left out (MFU shows ``n/a`` without a peak)."""
     step = f"step {stats.step}" + (f"/{total_steps}" if total_steps else "")
     parts = [step]
@@ -226,21 +247,20 @@ def format_step(stats: StepStats, *, total_steps: int | None = None, loss: float
     if lr is not None:
         parts.append(f"lr {lr:.1e}")
     if grad_norm is not None:
-        parts.append(f"gnorm {grad_norm:.2f}")
+        parts.append(f"gn {grad_norm:.2f}")
     parts += [f"{stats.tokens_per_s:,.0f} tok/s", f"TGS {stats.tgs:,.0f}"]
-    parts.append(_format_mfu(stats.mfu, peak_flops, peak_source))
+    parts.append("MFU n/a" if stats.mfu is None else f"MFU {100 * stats.mfu:.1f}%")
     if stats.peak_memory_gib is not None:
-        parts.append(f"mem {stats.peak_memory_gib:.1f} GiB")
+        parts.append(f"{stats.peak_memory_gib:.1f} GiB")
+    if elapsed_s is not None:
+        parts.append(format_duration(elapsed_s)
+                     + (f" eta {format_duration(eta_s)}" if eta_s is not None else ""))
     return " | ".join(parts)
 
 
-def _format_mfu(mfu: float | None, peak_flops: float | None, peak_source: str | None) -> str:
-    if mfu is None:
-        return "MFU n/a (no peak FLOP/s)"
-    peak = ""
-    if peak_flops:
-        tflops = peak_flops / 1e12
-        # Small (CPU) peaks would print as "0" with no decimals.
-        shown = f"{tflops:,.0f}" if tflops >= 100 else f"{tflops:.3g}"
-        peak = f"peak {shown} TFLOP/s" + (f", {peak_source}" if peak_source else "")
-    return f"MFU {100 * mfu:.1f}%" + (f" ({peak})" if peak else "")
+def format_duration(seconds: float) -> str:
+    """``m:ss`` under an hour, ``h:mm:ss`` above."""
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

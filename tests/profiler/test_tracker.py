@@ -65,9 +65,23 @@ def test_format_step_line():
     stats = StepStats(step=5, step_time_s=1.0, tokens=12345, tokens_per_s=12345.0, tgs=3086.25,
                       mfu=0.123, peak_memory_bytes=int(1.2 * 1024**3))
     line = format_step(stats, total_steps=100, loss=4.12341, lr=3e-4, grad_norm=1.234,
-                       peak_flops=989e12, peak_source="H100 table")
-    assert line == ("step 5/100 | loss 4.1234 | lr 3.0e-04 | gnorm 1.23 | 12,345 tok/s | TGS 3,086"
-                    " | MFU 12.3% (peak 989 TFLOP/s, H100 table) | mem 1.2 GiB")
+                       elapsed_s=5.2, eta_s=3725)
+    assert line == ("step 5/100 | loss 4.1234 | lr 3.0e-04 | gn 1.23 | 12,345 tok/s | TGS 3,086"
+                    " | MFU 12.3% | 1.2 GiB | 0:05 eta 1:02:05")
+    assert len(line) < 120
+
+
+def test_step_line_elapsed_eta_and_peak_said_once():
+    """The tracker's line carries elapsed time since the run's first step and the ETA at this
+    run's pace; the peak and its source are in describe_peak, not on the line."""
+    clock = FakeClock()
+    tracker = make_tracker(clock)
+    for _ in range(4):
+        stats = run_step(tracker, clock, seconds=2.0, tokens=4000)
+    line = tracker.format_step(stats, total_steps=10, loss=4.0, lr=1e-3, grad_norm=1.0)
+    assert line.endswith("| 0:08 eta 0:12")  # 4 steps in 8 s, 6 to go
+    assert "TFLOP" not in line and len(line) < 120
+    assert tracker.describe_peak() == "MFU against 10 TFLOP/s per device x 4 (test table)"
 
 
 def test_no_peak_gives_no_mfu():
