@@ -1,5 +1,8 @@
 """Packed documents: per-token segment ids, and the cu_seqlens form linear attention needs.
 
+Batch metadata below the model (sbtrain.model, parallel and the trainer use it), so it
+imports nothing of ours.
+
 A training sample concatenates documents separated by EOD tokens. With
 ``data.document_mask`` on, every token carries the id of its document (the EOD token
 closes its own document), attention never crosses ids and GLA restarts its state at

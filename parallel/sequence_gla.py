@@ -59,8 +59,8 @@ def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, group,
     """GLA of this rank's slice ``[b, s_r, ...]`` (layout of ``ops.gla.gla``) of sequences
     split over ``group``; returns this slice's outputs ``[b, s_r, H, V]``. ``initial_state``
     ``[b, Hkv, K, V]``: the state every row and document starts from (None: zero)."""
+    from ops.documents import cu_seqlens_from_segments
     from ops.gla import gla, initial_state_output
-    from sbtrain.model.segments import cu_seqlens_from_segments
 
     batch, seq = q.shape[:2]
     if segment_ids is None:

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ops.documents import segment_ids_from_tokens
 from sbtrain.checkpoint import checkpoint_dir
 from sbtrain.checkpoint_writer import CheckpointWriter
 from sbtrain.config import RunConfig, dump_config
-from sbtrain.model.segments import segment_ids_from_tokens
 from sbtrain.observe import RunObserver
 from sbtrain.safety import RunLock, StepGuard, StopRequest, TrainingDiverged, Verdict
 from sbtrain.setup_report import report_setup

@@ -86,7 +86,7 @@ def run_shape(shape: dict, seq: int, varlen: bool, device: str = "cuda") -> floa
     cu_seqlens = None
     if varlen:  # documents of uneven lengths, as packing makes them
         cuts = sorted({0, tokens // 3, tokens // 2 + 17, tokens})
-        # int64, as sbtrain.model.segments.cu_seqlens_from_segments makes them (dtypes are in the key)
+        # int64, as ops.documents.cu_seqlens_from_segments makes them (dtypes are in the key)
         cu_seqlens = torch.tensor(cuts, dtype=torch.int64, device=device)
     sync()
     start = time.perf_counter()

@@ -5,7 +5,7 @@ knows no sliding window or document mask) with ``ops.attention.softmax_attention
 flash or ``flex_attention`` on GPUs, an explicit masked softmax on the CPU.
 
 ``attention_mask`` carries sbtrain's per-token segment ids ([b, s] integers, see
-``sbtrain.model.segments``) or None; attention never crosses a segment boundary.
+``ops.documents``) or None; attention never crosses a segment boundary.
 """
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
+from ops.documents import cu_seqlens_from_segments
 from ops.gla_gate import gate_log_decay
 from ops.rmsnorm import head_rms_norm as fused_head_rms_norm
 from parallel.sequence import sequence_parallel_group
-from sbtrain.model.segments import cu_seqlens_from_segments
 
 FEATURE_MAPS = {"relu": F.relu, "sigmoid": torch.sigmoid}
 

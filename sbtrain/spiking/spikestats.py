@@ -113,7 +113,7 @@ def measure(model: torch.nn.Module, cfg: RunConfig, opts: StatsOptions,
             device: torch.device) -> tuple[dict, dict]:
     """Run the samples through ``model``; returns (per-site histograms, loss summary)."""
     from sbtrain.data.datasets import document_eod
-    from sbtrain.model.segments import segment_ids_from_tokens
+    from ops.documents import segment_ids_from_tokens
     from sbtrain.spiking.layers import attribute_sites, recording
 
     eod = document_eod(cfg) if cfg.data.document_mask else None

@@ -13,7 +13,7 @@ from sbtrain.config import RunConfig
 from sbtrain.config.schema import GLAConfig, ModelConfig
 from sbtrain.convert.mapping import official_config, sbtrain_to_official
 from sbtrain.convert.session import model_tensors, one_process_model
-from sbtrain.model.segments import segment_ids_from_tokens
+from ops.documents import segment_ids_from_tokens
 from tests.model.official_reference import official_logits
 
 SEQ = 24

@@ -15,7 +15,7 @@ from sbtrain.config import RunConfig
 from sbtrain.config.schema import GLAConfig, HybridConfig, ModelConfig
 from sbtrain.convert.mapping import hf_to_sbtrain, sbtrain_to_official
 from sbtrain.convert.session import model_tensors, one_process_model
-from sbtrain.model.segments import segment_ids_from_tokens
+from ops.documents import segment_ids_from_tokens
 from tests.model.parallel_hybrid_reference import reference_logits
 from tests.model.test_hybrid_model import logits, random_model
 

@@ -23,7 +23,7 @@ from sbtrain.config import load_config
 from sbtrain.convert.session import one_process_model
 from sbtrain.model.gla import GatedLinearAttention
 from sbtrain.model.parallel_hybrid import ParallelHybridAttention
-from sbtrain.model.segments import segment_ids_from_tokens
+from ops.documents import segment_ids_from_tokens
 from tests.model.test_hybrid_model import random_model
 from tests.parallel.harness import REPO, launch_env, metrics
 

@@ -59,7 +59,7 @@ def make_segments(B: int, T: int, seed: int = 0, device="cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     starts = torch.rand(B, T, generator=g) < 6 / T
     starts[:, 0] = False
-    return starts.int().cumsum(dim=1, dtype=torch.int32).to(device)  # int32, as sbtrain.model.segments
+    return starts.int().cumsum(dim=1, dtype=torch.int32).to(device)  # int32, as ops.documents
 
 
 def run(fn, q, k, v, window, segment_ids, do, **kwargs):

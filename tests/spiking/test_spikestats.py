@@ -64,7 +64,7 @@ def test_count_stats_hand_example():
 
 def _lm_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token loss; the config's document mask ends synthetic documents at token 0."""
-    from sbtrain.model.segments import segment_ids_from_tokens
+    from ops.documents import segment_ids_from_tokens
 
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     return model(tokens, positions, segment_ids_from_tokens(tokens, 0), labels=labels).flatten()
