@@ -12,8 +12,8 @@ Each length T runs batch = tokens // T sequences, so every row of the table move
 number of tokens. Times are CUDA-event means over ``--iters`` fwd+bwd steps after
 ``--warmup`` steps (the first flex step compiles); peak memory is the allocator's peak
 during the timed steps minus what was allocated before them (inputs, do and grads). Prints a
-markdown table and one JSON line. The comparable figures on one H100 are in
-../shared/reference/anchors.md (SDPA flash 0.22 / 0.77 / 3.03 µs per token, flex window
+markdown table and one JSON line. The comparable figures measured on one H100 outside this repository (anchor runs):
+(SDPA flash 0.22 / 0.77 / 3.03 µs per token, flex window
 4096 0.30 / 0.58 / 0.65 µs per token at 4K / 16K / 64K).
 """
 

@@ -8,7 +8,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 # megatron-core 0.19.2 declares Requires-Python>=3.12, but its wheel is built for cp311 and works
-# on 3.11 (see docs/megatron_core_cpu.md); install it without the version gate and its deps by hand.
+# on 3.11 (README: Python 3.11 note; maca_compat/patches.py lists the CPU shims); install it without the version gate and its deps by hand.
 "$PY" -m pip install -q numpy "packaging>=24.2" psutil
 "$PY" -m pip install -q --no-deps --ignore-requires-python "megatron-core==0.19.2"
 "$PY" -m pip install -q -e ".[test]"
