@@ -78,3 +78,12 @@ def init_parameters_globally(model: torch.nn.Module, seed: int, std: float, num_
         sh.data.copy_(full[index].to(sh.data.dtype))
         count += 1
     return count
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch and Megatron's model-parallel RNG tracker (every build of a model)."""
+    # deferred: the rest of this module is plain torch, and megatron-core costs seconds to import
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)

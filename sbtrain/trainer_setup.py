@@ -51,6 +51,7 @@ def build_train_state(cfg: RunConfig, source: str = "") -> TrainState:
     from maca_compat.platform import get_platform
     from maca_compat.runtime import setup as setup_platform
     from parallel.groups import init_parallel_groups, init_process_group
+    from parallel.init import seed_all
 
     platform = get_platform()
     setup_platform(platform)
@@ -92,13 +93,6 @@ def device_memory_gib(device: torch.device) -> float:
     if device.type == "cpu":
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     return torch.cuda.get_device_properties(device).total_memory / 1024**3
-
-
-def seed_all(seed: int) -> None:
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
 
 
 def _build_wrapped_model(cfg: RunConfig, groups, dtype: torch.dtype, device: torch.device):

@@ -25,8 +25,8 @@ def one_process_model(cfg: RunConfig, dtype: torch.dtype = torch.float32,
     from megatron.core import parallel_state
 
     from parallel.groups import init_parallel_groups, init_process_group
+    from parallel.init import seed_all
     from sbtrain.model.builder import build_model
-    from sbtrain.trainer_setup import seed_all
 
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
     platform = get_platform()
