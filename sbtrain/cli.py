@@ -177,7 +177,7 @@ def _run(command: str, rest: list[str]) -> int:
 
         return convert_main(rest)
     if command == "spikestats":
-        from sbtrain.spiking.spikestats import main as spikestats_main
+        from sbtrain.tools.spikestats import main as spikestats_main
 
         return spikestats_main(rest)
     if command == "plot":

@@ -1,1 +1,2 @@
-"""Small user-facing tools that read a run directory (``sbtrain plot``)."""
+"""User-facing tools on top of the library: ``sbtrain plot`` (reads a run directory) and
+``sbtrain spikestats`` (measures a checkpoint's neurons)."""
