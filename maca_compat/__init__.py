@@ -12,10 +12,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from maca_compat.comm import COMM_BACKENDS, apply_comm_env, comm_backend_for, comm_env_for
+    from maca_compat.comm import apply_comm_env, comm_env_for
     from maca_compat.platform import (
+        COMM_BACKENDS,
         PEAK_BF16_FLOPS,
         Platform,
+        comm_backend_for,
         get_platform,
         lookup_peak_table,
         reset_platform_cache,
@@ -29,8 +31,8 @@ _EXPORTS: dict[str, str] = {
     "resolve_peak_flops": "maca_compat.platform",
     "lookup_peak_table": "maca_compat.platform",
     "PEAK_BF16_FLOPS": "maca_compat.platform",
-    "COMM_BACKENDS": "maca_compat.comm",
-    "comm_backend_for": "maca_compat.comm",
+    "COMM_BACKENDS": "maca_compat.platform",
+    "comm_backend_for": "maca_compat.platform",
     "comm_env_for": "maca_compat.comm",
     "apply_comm_env": "maca_compat.comm",
 }

@@ -1,7 +1,5 @@
-"""Collective-communication backend and its environment tuning, in one place.
-
-The backend name is what ``torch.distributed.init_process_group`` receives. MetaX's
-mcPyTorch keeps the ``nccl`` name and routes it to MCCL, so CUDA and MACA share it.
+"""Collective-communication environment tuning, in one place (the backend name per vendor,
+``COMM_BACKENDS``, is part of the platform: ``maca_compat/platform.py``).
 
 Environment tuning is computed by :func:`comm_env_for` (pure) and applied by
 :func:`apply_comm_env`, which the trainer calls explicitly before creating process
@@ -14,15 +12,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import MutableMapping
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from maca_compat.platform import Platform
+from maca_compat.platform import Platform
 
 logger = logging.getLogger("sbtrain.maca_compat")
-
-COMM_BACKENDS: dict[str, str] = {"cuda": "nccl", "maca": "nccl", "cpu": "gloo"}
-"""torch.distributed backend per platform vendor."""
 
 # Read by upstream ProcessGroupNCCL when a process group is constructed. Without it,
 # async collectives (tensor/sequence-parallel overlap) keep their inputs alive through
@@ -42,14 +35,6 @@ _TORCH_PG_ENV: dict[str, str] = {"TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
 _MCCL_MULTI_NODE_ENV: dict[str, str] = {"MCCL_NET_GDR_LEVEL": "SYS", "MCCL_CROSS_NIC": "1"}
 
 _logged: set[tuple[tuple[str, str], ...]] = set()
-
-
-def comm_backend_for(vendor: str) -> str:
-    """Return the ``torch.distributed`` backend name for a platform vendor."""
-    try:
-        return COMM_BACKENDS[vendor]
-    except KeyError:
-        raise ValueError(f"unknown platform vendor {vendor!r}; known: {sorted(COMM_BACKENDS)}") from None
 
 
 def comm_env_for(platform: Platform, *, multi_node: bool = False) -> dict[str, str]:

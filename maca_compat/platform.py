@@ -21,8 +21,21 @@ from typing import Literal, get_args
 
 import torch
 
-from maca_compat.comm import comm_backend_for
 from maca_compat.patches import applied_patches
+
+# The name ``torch.distributed.init_process_group`` receives. MetaX's mcPyTorch keeps the
+# ``nccl`` name and routes it to MCCL, so CUDA and MACA share it.
+COMM_BACKENDS: dict[str, str] = {"cuda": "nccl", "maca": "nccl", "cpu": "gloo"}
+"""torch.distributed backend per platform vendor."""
+
+
+def comm_backend_for(vendor: str) -> str:
+    """Return the ``torch.distributed`` backend name for a platform vendor."""
+    try:
+        return COMM_BACKENDS[vendor]
+    except KeyError:
+        raise ValueError(f"unknown platform vendor {vendor!r}; known: {sorted(COMM_BACKENDS)}") from None
+
 
 Vendor = Literal["cuda", "maca", "cpu"]
 VENDORS: tuple[str, ...] = get_args(Vendor)
