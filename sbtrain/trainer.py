@@ -111,8 +111,10 @@ class Trainer:
         from parallel.sequence import slice_microbatch
 
         sp = s.groups.pg_collection.cp
+        # training continues the stream where earlier stages stopped (data.start_tokens)
+        first = self.cfg.data.first_sample(t.seq_length) if split == "train" else 0
         for batch in microbatches(dataset, step, t.global_batch_size, t.micro_batch_size,
-                                  s.groups.dp_rank, s.groups.dp_size):
+                                  s.groups.dp_rank, s.groups.dp_size, first):
             if self.eod is not None:
                 # on the whole sequence: ids stay global across sequence-parallel slices
                 batch["segment_ids"] = segment_ids_from_tokens(batch["tokens"], self.eod)

@@ -154,7 +154,7 @@ def _build_data(cfg: RunConfig, groups):
     from sbtrain.data.datasets import build_datasets
 
     t = cfg.train
-    train_samples = t.train_iters * t.global_batch_size
+    train_samples = cfg.data.first_sample(t.seq_length) + t.train_iters * t.global_batch_size
     eval_rounds = (t.train_iters // t.eval_interval) if t.eval_interval else 0
     valid_samples = max(eval_rounds * t.eval_iters * t.global_batch_size, t.global_batch_size)
     cache = cfg.data.cache_dir or str(Path(t.run_dir) / "data_cache")

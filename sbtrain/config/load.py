@@ -37,9 +37,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
         for item in overrides or []:
             if stage is None or _override_key(item) not in STAGE_BASE_PATHS:
                 apply_override(raw, item)
-        return from_dict(RunConfig, raw)
+        cfg = from_dict(RunConfig, raw)
     except ConfigError as exc:
         raise exc.with_source(source) from None
+    if cfg.data.start_tokens == -1:
+        names = [s.name for s in stages]
+        start = _stream_end(path, overrides, names[:names.index(stage)]) if stage else 0
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, start_tokens=start))
+    return cfg
+
+
+def _stream_end(path: str | Path, overrides: list[str] | None, earlier: list[str]) -> int:
+    """Tokens of the training stream that the stages ``earlier`` (in order) end at: stage k
+    starts there (``data.start_tokens``), not at the samples stage k-1 already trained on."""
+    if not earlier:
+        return 0
+    prev = load_config(path, overrides, stage=earlier[-1])
+    t = prev.train
+    return prev.data.start_tokens + t.train_iters * t.global_batch_size * t.seq_length
 
 
 # Keys a stage extends with its name (sbtrain.config.stages): --set gives their base.

@@ -374,12 +374,24 @@ class DataConfig:
     document_mask: bool = False
     """Packed documents: attention and the GLA state stop at EOD tokens (the tokenizer's EOD
     id; token 0 for synthetic data). Off matches SpikingBrain's published training path."""
+    start_tokens: int = -1
+    """Where in the training sample stream this run starts, in tokens (the first sample is
+    ceil(start_tokens / seq_length)). -1 (default): 0, and in a staged config the tokens all
+    earlier stages train on, so stage k continues the stream instead of re-reading stage
+    k-1's samples; a stage that sets 0 starts over."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("synthetic", "indexed"):
             raise ConfigError(f"unknown data kind {self.kind!r}", key="data.kind")
         if self.weights and len(self.weights) != len(self.paths):
             raise ConfigError("need one weight per path", key="data.weights")
+        if self.start_tokens < -1:
+            raise ConfigError("must be >= 0 (or -1: after the earlier stages)",
+                              key="data.start_tokens")
+
+    def first_sample(self, seq_length: int) -> int:
+        """Index of this run's first training sample (see ``start_tokens``)."""
+        return -(-max(self.start_tokens, 0) // seq_length)
 
 
 @dataclass
