@@ -6,8 +6,10 @@
 
 ``hf-to-sbtrain`` reads a ``Qwen2ForCausalLM`` (or an exported ``GLAswaForCausalLM``)
 directory and writes a weights-only sbtrain checkpoint; start training from it with
-``checkpoint.pretrained: CKPT`` at any TP/PP/DP layout. ``sbtrain-to-hf`` writes the
-official SpikingBrain-7B layout (``model_type: gla_swa``). ``upcycle`` turns a dense
+``checkpoint.pretrained: CKPT`` at any TP/PP/DP layout. ``sbtrain-to-hf`` writes a
+self-contained HF directory (``sbtrain.convert.export``): the official SpikingBrain-7B layout
+(``model_type: gla_swa``) when the pattern allows, else ``spikingbrain_hybrid`` (76B-style
+mixers, sinks, MoE); the modeling code is ``sbtrain/hf``. ``upcycle`` turns a dense
 checkpoint into the MoE model of a config (``sbtrain.convert.upcycle``).
 """
 
@@ -29,15 +31,21 @@ def hf_to_sbtrain(hf_dir: str, config: str, out: str, dtype: str = "fp32",
     from sbtrain.convert.hf_io import read_hf_dir
     from sbtrain.convert.mapping import check_hf_matches, hf_layout
     from sbtrain.convert.mapping import hf_to_sbtrain as map_weights
-    from sbtrain.convert.session import load_tensors, one_process_model, save_weights
+    from sbtrain.convert.hf_layout import check_hybrid_matches, check_shapes, hf_to_sbtrain_state
+    from sbtrain.convert.session import load_tensors, model_tensors, one_process_model, save_weights
 
     cfg = load_config(config, overrides)
     hf_config, tensors = read_hf_dir(hf_dir)
-    layout = hf_layout(hf_config)
+    layout = hf_layout(hf_config, hf_dir)
     check_hf_matches(hf_config, cfg.model)
     print(f"read {len(tensors)} tensors ({layout}) from {hf_dir}", flush=True)
-    state = map_weights(tensors, cfg.model, layout, seed=cfg.train.seed)
+    if layout == "spikingbrain_hybrid":
+        check_hybrid_matches(hf_config, cfg.model, hf_dir)
+        state = hf_to_sbtrain_state(tensors, cfg.model, hf_dir)
+    else:
+        state = map_weights(tensors, cfg.model, layout, seed=cfg.train.seed)
     with one_process_model(cfg, DTYPES[dtype]) as model:
+        check_shapes(state, model_tensors(model), cfg.model, hf_dir)
         load_tensors(model, state)
         path = save_weights(model, out)
     print(f"wrote sbtrain checkpoint {path} (pattern {cfg.model.pattern!r})", flush=True)
@@ -46,21 +54,15 @@ def hf_to_sbtrain(hf_dir: str, config: str, out: str, dtype: str = "fp32",
 
 def sbtrain_to_hf(config: str, checkpoint: str, out: str, dtype: str = "bf16",
                   eod_id: int | None = None, overrides: list[str] | None = None) -> Path:
-    """Export a sbtrain checkpoint to a HF directory in the official SpikingBrain-7B layout."""
+    """Export a sbtrain checkpoint to a self-contained HF directory (``sbtrain.convert.export``):
+    the official SpikingBrain-7B layout (``gla_swa``) when the pattern allows, else
+    ``spikingbrain_hybrid``; both load with ``trust_remote_code=True``."""
     from sbtrain.config import load_config
-    from sbtrain.convert.hf_io import write_hf_dir
-    from sbtrain.convert.mapping import official_config, sbtrain_to_official
-    from sbtrain.convert.session import load_weights, model_tensors, one_process_model
+    from sbtrain.convert.export import export_hf
 
     cfg = load_config(config, overrides)
-    hf_config = official_config(cfg.model, DTYPES[dtype], eod_id)
-    with one_process_model(cfg, torch.float32) as model:
-        step = load_weights(model, checkpoint)
-        tensors = sbtrain_to_official(model_tensors(model), cfg.model)
-    tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
-    files = write_hf_dir(out, hf_config, tensors)
-    print(f"wrote {len(tensors)} tensors from step {step} to {out} ({len(files)} file(s))",
-          flush=True)
+    step, count = export_hf(cfg, checkpoint, out, DTYPES[dtype], eod_id)
+    print(f"wrote {count} tensors from step {step} to {out}", flush=True)
     return Path(out)
 
 
@@ -81,7 +83,7 @@ def main(argv: list[str]) -> int:
     back.add_argument("--out", required=True, help="HF directory to write")
     back.add_argument("--dtype", choices=DTYPES, default="bf16", help="exported weight dtype")
     back.add_argument("--eod-id", type=int, default=None,
-                      help="bos/eos id for config.json (Qwen2.5: 151643)")
+                      help="bos/eos/pad id (default: the EOD token of data.tokenizer)")
     for p in (into, back):
         p.add_argument("--config", required=True, help="sbtrain YAML describing the model")
         p.add_argument("--set", dest="overrides", action="append", default=[],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -30,39 +31,51 @@ def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                                 "checkpoints are read; re-save with safe_serialization=True)")
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
-        tensors.update(load_file(str(directory / name)))
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory / INDEX} lists shard {name}, which is missing")
+        try:
+            tensors.update(load_file(str(path)))
+        except Exception as exc:  # safetensors raises its own error types on damaged files
+            raise ValueError(f"{path}: cannot read safetensors ({exc})") from None
     return config, tensors
 
 
-def write_hf_dir(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor],
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
-    """Write config.json and safetensors shards (with an index when more than one)."""
+def write_hf_shards(directory: str | Path, tensors: Iterable[tuple[str, torch.Tensor]],
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+    """Stream (name, tensor) pairs into safetensors shards of at most ``max_shard_bytes``
+    (a shard is written and dropped as soon as it is full) plus an index when more than one;
+    returns the number of tensors."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shards = _shard(tensors, max_shard_bytes)
-    names = [SINGLE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
+    shard: dict[str, torch.Tensor] = {}
+    written: list[tuple[str, list[str]]] = []
+    size = total = 0
+
+    def flush() -> None:
+        name = f"shard-{len(written) + 1:05d}.tmp"
         save_file(shard, str(directory / name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        written.append((name, list(shard)))
+        shard.clear()
+
+    for key, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shard[key] = tensor
+        size, total = size + nbytes, total + nbytes
+    if shard:
+        flush()
+    count = len(written)
+    names = [SINGLE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+                                         for i in range(count)]
+    for (tmp, _), name in zip(written, names):
+        (directory / tmp).replace(directory / name)
+    if count > 1:
+        weight_map = {key: name for (_, keys), name in zip(written, names) for key in keys}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX).write_text(json.dumps(index, indent=2))
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return [directory / name for name in names]
-
-
-def _shard(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    return shards
+    return sum(len(keys) for _, keys in written)

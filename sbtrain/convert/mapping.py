@@ -46,12 +46,13 @@ def split_qkv(qkv: torch.Tensor, groups: int, head_dim: int) -> tuple[torch.Tens
     return tuple(t.reshape(-1, *qkv.shape[1:]) for t in (q, k, v))
 
 
-def hf_layout(hf_config: dict) -> str:
-    """``qwen2`` or ``gla_swa`` from a HF config.json dict; anything else is an error."""
+def hf_layout(hf_config: dict, source: str = "config.json") -> str:
+    """``qwen2``, ``gla_swa`` or ``spikingbrain_hybrid`` (sbtrain's own export, every pattern)
+    from a HF config.json dict; anything else is an error naming ``source``."""
     kind = hf_config.get("model_type")
-    if kind not in _HF_NAMES:
-        raise ValueError(f"unsupported HF model_type {kind!r}; sbtrain converts "
-                         f"{sorted(_HF_NAMES)}")
+    if kind not in (*_HF_NAMES, "spikingbrain_hybrid"):
+        raise ValueError(f"{source}/config.json: unsupported model_type {kind!r}; sbtrain "
+                         f"converts {sorted([*_HF_NAMES, 'spikingbrain_hybrid'])}")
     return kind
 
 

@@ -114,18 +114,18 @@ def test_mismatched_config_names_the_key(qwen_dir, tmp_path, capsys):
     assert "model.hidden_size=64 but HF hidden_size=32" in capsys.readouterr().err
 
 
-def test_export_refuses_layouts_the_official_class_cannot_hold(qwen_dir, tmp_path):
+def test_layouts_the_official_class_cannot_hold_export_as_spikingbrain_hybrid(qwen_dir, tmp_path):
     config = write_yaml(tmp_path / "soft.yaml", "*-*-*-*-")
     ckpt = hf_to_sbtrain(str(qwen_dir), config, str(tmp_path / "d")).parent
-    with pytest.raises(ValueError, match="even and SWA on odd"):
-        sbtrain_to_hf(config, str(ckpt), str(tmp_path / "hf"))
-    assert not (tmp_path / "hf" / "config.json").exists()
+    hf_config, _ = read_hf_dir(sbtrain_to_hf(config, str(ckpt), str(tmp_path / "hf")))
+    assert hf_config["model_type"] == "spikingbrain_hybrid"
+    assert hf_config["mixer_types"] == ["full_attention"] * 4
 
 
 def test_converted_checkpoint_loads_under_tp2_and_pp2(tmp_path):
     """One conversion serves every layout: TP2 and PP2 runs started from it reproduce the
     one-process run, which differs from a fresh initialisation (so the weights were used)."""
-    from tests.parallel.harness import TINY, assert_same_curve, run
+    from tests.parallel.harness import TINY, assert_same_curve, run_many
 
     qwen = dict(QWEN, hidden_size=TINY["model"]["hidden_size"],
                 intermediate_size=TINY["model"]["ffn_hidden_size"],
@@ -139,9 +139,11 @@ def test_converted_checkpoint_loads_under_tp2_and_pp2(tmp_path):
     ckpt = hf_to_sbtrain(str(tmp_path / "hf"), str(config), str(tmp_path / "ckpt")).parent
     overrides = {"model.pattern": "L-W-L-W-", "model.sliding_window": 4,
                  "checkpoint.pretrained": str(ckpt)}
-    single = run(tmp_path, "one", 1, overrides)
-    assert_same_curve(single, run(tmp_path, "tp2", 2, {**overrides, "parallel.tp": 2}))
-    assert_same_curve(single, run(tmp_path, "pp2", 2, {**overrides, "parallel.pp": 2}))
-    fresh = run(tmp_path, "fresh", 1, {k: v for k, v in overrides.items()
-                                       if k != "checkpoint.pretrained"})
-    assert abs(fresh[0]["loss"] - single[0]["loss"]) > 1e-3
+    one = run_many(tmp_path, 1, {"one": overrides, "fresh": {
+        k: v for k, v in overrides.items() if k != "checkpoint.pretrained"}})
+    two = run_many(tmp_path, 2, {"tp2": {**overrides, "parallel.tp": 2},
+                                 "pp2": {**overrides, "parallel.pp": 2}})
+    single = one["one"]
+    assert_same_curve(single, two["tp2"])
+    assert_same_curve(single, two["pp2"])
+    assert abs(one["fresh"][0]["loss"] - single[0]["loss"]) > 1e-3
