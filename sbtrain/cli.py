@@ -32,7 +32,10 @@ commands:
   convert hf-to-sbtrain --hf DIR --config YAML --out CKPT
   convert sbtrain-to-hf --config YAML --checkpoint CKPT --out DIR
   convert upcycle --dense CKPT --config MOE_YAML --out CKPT
-                                  HF Qwen2 / SpikingBrain-7B <-> sbtrain checkpoints
+                                  HF Qwen2 / SpikingBrain <-> sbtrain checkpoints (the HF
+                                  directory loads with trust_remote_code=True)
+  generate --checkpoint CKPT --config YAML --prompt TEXT   (or --hf DIR)
+                                  print a greedy continuation, a quick look at a run
   spikestats --config YAML --checkpoint CKPT [--data valid:N] [--coding C] [--window T]
              [--w8aspike] [--out DIR]
                                   spike sparsity, firing, |s| histogram and energy per layer
@@ -176,6 +179,10 @@ def _run(command: str, rest: list[str]) -> int:
         from sbtrain.convert import main as convert_main
 
         return convert_main(rest)
+    if command == "generate":
+        from sbtrain.generate import main as generate_main
+
+        return generate_main(rest)
     if command == "spikestats":
         from sbtrain.tools.spikestats import main as spikestats_main
 

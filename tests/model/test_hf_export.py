@@ -253,3 +253,27 @@ def test_spiking_models_are_refused_with_the_key(runs, tmp_path):
     config, ckpt, _ = runs["7b"]
     with pytest.raises(ValueError, match="spiking.enabled"):
         sbtrain_to_hf(config, str(ckpt), str(tmp_path / "s"), overrides=["spiking.enabled=true"])
+
+
+def test_sbtrain_generate_prints_the_greedy_continuation(runs, capsys):
+    """``sbtrain generate`` on the checkpoint and on its export print the same continuation,
+    the greedy one of the exported model."""
+    from sbtrain.cli import main as cli_main
+
+    config, ckpt, hf_dir = runs["76b"]
+    prompt = "The river"
+    assert cli_main(["generate", "--checkpoint", str(ckpt), "--config", config, "--prompt", prompt,
+                     "--max-new-tokens", "12"]) == 0
+    from_ckpt = capsys.readouterr().out.strip().splitlines()[-1]
+    assert cli_main(["generate", "--hf", str(hf_dir), "--prompt", prompt,
+                     "--max-new-tokens", "12"]) == 0
+    from_hf = capsys.readouterr().out.strip().splitlines()[-1]
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    out = auto_model(hf_dir).generate(ids, max_new_tokens=12, do_sample=False,
+                                      eos_token_id=tok.eos_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    expected = prompt + tok.decode(new)
+    assert from_ckpt.endswith("] " + expected) and from_hf.endswith("] " + expected)
+    assert len(tok.decode(new)) > 0
