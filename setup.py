@@ -32,7 +32,9 @@ setup(
         "matplotlib>=3.6",
     ],
     extras_require={
-        "test": ["pytest", "transformers", "safetensors"],
+        "test": ["pytest", "transformers", "safetensors", "tensorboard"],
+        # profiler.tensorboard / profiler.wandb sinks (docs/training.md section 7)
+        "tracking": ["tensorboard", "wandb"],
     },
     entry_points={"console_scripts": ["sbtrain=sbtrain.cli:main"]},
 )

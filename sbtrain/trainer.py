@@ -331,7 +331,8 @@ class Trainer:
         the background and committed later (``finalize_saves``) unless ``blocking``. Returns
         the seconds training was blocked."""
         s = self.state
-        blocked = self.writer.save(step, s.model, s.optimizer, s.scheduler)
+        blocked = self._finalize_saves(blocking=True)  # one save in flight at a time
+        blocked += self.writer.save(step, s.model, s.optimizer, s.scheduler)
         if self.writer.pending:
             self._say(f"checkpoint step {step}: writing in the background (blocked "
                       f"{blocked:.2f} s)")
