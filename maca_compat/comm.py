@@ -89,7 +89,8 @@ def _log_once(platform: Platform, applied: dict[str, str], kept: dict[str, str])
     if key in _logged:
         return
     _logged.add(key)
-    logger.info(
+    # INFO only when it changed or kept something; the backend itself is on the layout line
+    (logger.info if applied or kept else logger.debug)(
         "comm backend %s on %s: set %s; kept user values %s",
         platform.comm_backend, platform.vendor, applied or "{}", kept or "{}",
     )

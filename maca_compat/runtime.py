@@ -26,5 +26,8 @@ def setup(platform: Platform) -> list[str]:
         torch._dynamo.config.disable = True
     applied = apply_patches(vendor=platform.vendor)
     apply_comm_env(platform)
-    logger.info("platform %s (%s): shims %s", platform.vendor, platform.device_name, applied)
+    device = "" if platform.device_name == "none" else f" ({platform.device_name})"
+    logger.info("platform %s%s: %d megatron-core shims applied (maca_compat/patches.py)",
+                platform.vendor, device, len(applied))
+    logger.debug("shims: %s", ", ".join(applied))
     return applied
