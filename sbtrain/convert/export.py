@@ -24,7 +24,8 @@ from sbtrain.convert.hf_io import write_hf_shards
 from sbtrain.convert.hf_layout import hf_config, iter_hf_tensors
 
 HF_CODE_DIR = Path(__file__).resolve().parent.parent / "hf"
-MODELING_FILES = ("configuration_spikingbrain.py", "modeling_spikingbrain.py")
+MODELING_FILES = ("configuration_spikingbrain.py", "modeling_spikingbrain.py",
+                  "spikingbrain_attention.py")
 SHARD_BYTES = 2 * 1024**3
 
 

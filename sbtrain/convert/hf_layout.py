@@ -32,7 +32,9 @@ def is_official_layout(model: ModelConfig) -> bool:
         official_config(model, torch.bfloat16)
     except ValueError:
         return False
-    return not model.sink_tokens and model.qkv_bias
+    # the official class derives head_dim = hidden / heads and always has q/k/v biases
+    head_dim_implied = model.kv_channels * model.num_attention_heads == model.hidden_size
+    return not model.sink_tokens and model.qkv_bias and head_dim_implied
 
 
 def hf_config(model: ModelConfig, dtype: torch.dtype, token_ids: dict[str, int]) -> dict:
