@@ -6,6 +6,7 @@ import logging
 import os
 
 from maca_compat.comm import apply_comm_env
+from maca_compat.overrides import check_megatron_version
 from maca_compat.patches import apply_patches
 from maca_compat.platform import Platform
 
@@ -13,7 +14,8 @@ logger = logging.getLogger("sbtrain.maca_compat")
 
 
 def setup(platform: Platform) -> list[str]:
-    """Apply the megatron-core shims ``platform`` needs and its communication environment.
+    """Apply the megatron-core shims ``platform`` needs and its communication environment;
+    warn when the installed megatron-core is not the version they were reviewed against.
 
     Returns the names of the applied shim entries. Safe to call more than once.
     """
@@ -24,6 +26,7 @@ def setup(platform: Platform) -> list[str]:
 
         os.environ["TORCH_COMPILE_DISABLE"] = "1"
         torch._dynamo.config.disable = True
+    check_megatron_version()  # the patch and override lists name the reviewed version
     applied = apply_patches(vendor=platform.vendor)
     apply_comm_env(platform)
     device = "" if platform.device_name == "none" else f" ({platform.device_name})"

@@ -1,0 +1,94 @@
+"""Megatron-core internals our classes rely on, beside the patch list (``patches.py``).
+
+``patches.py`` rebinds megatron-core names at run time. The entries below change nothing in
+megatron-core: they are our subclasses and attribute swaps that depend on how megatron-core
+0.19.2 (``MEGATRON_CORE_VERSION``) is built inside: private methods we override, private
+tuples we index, attributes we replace after construction. Each entry says what it relies on,
+why we depend on it, and the test in ``tests/maca_compat/test_overrides.py`` that pins it
+(reads megatron-core's code or signature, so an upgrade that moves it fails there first).
+
+``check_megatron_version()`` (called by ``maca_compat.runtime.setup``) warns when the
+installed megatron-core is not the version this list and the patch list were reviewed
+against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from maca_compat.patches import MEGATRON_CORE_VERSION
+
+logger = logging.getLogger("sbtrain.maca_compat")
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """One dependency on megatron-core internals."""
+
+    ours: str
+    """Our class or function (dotted)."""
+    theirs: str
+    """The megatron-core name it depends on (dotted)."""
+    relies_on: str
+    reason: str
+    test: str
+    """The test in tests/maca_compat/test_overrides.py that pins ``relies_on``."""
+
+
+_GPT = "megatron.core.models.gpt.gpt_model.GPTModel"
+OVERRIDES: tuple[Override, ...] = (
+    Override(
+        "sbtrain.model.sinks.SinkTokenGPTModel._preprocess", f"{_GPT}._preprocess",
+        "private; GPTModel.forward calls it with input_ids first and unpacks its tuple, whose "
+        "index 5 is the MoE padding mask (replaced by ours)",
+        "under sequence parallelism the sink tokens must count once in the MoE load-balancing "
+        "statistics; the padding mask is the only input that excludes tokens from them",
+        "test_preprocess_tuple_index_5_is_the_padding_mask"),
+    Override(
+        "sbtrain.model.sinks.SinkTokenGPTModel._postprocess", f"{_GPT}._postprocess",
+        "private; receives the decoder output as hidden_states [s, b, h] before the output "
+        "layer and the loss",
+        "the sink positions are dropped before the logits, so the loss covers real tokens",
+        "test_postprocess_receives_the_decoder_output_first"),
+    Override(
+        "sbtrain.model.sinks.SinkTokenGPTModel._prepend_sinks", f"{_GPT}.embedding",
+        "a forward hook on GPTModel.embedding: _preprocess embeds before it computes the RoPE "
+        "length from the embedded sequence",
+        "RoPE and every layer must see S + T positions without copying Megatron's _preprocess",
+        "test_rope_length_is_computed_after_the_embedding"),
+    Override(
+        "parallel.sequence.install_slice_rotary", f"{_GPT}.rotary_pos_emb",
+        "GPTModel._preprocess calls self.rotary_pos_emb (the attribute, looked up per call), "
+        "so a module swapped in after construction is used",
+        "under sequence parallelism each rank needs RoPE at its slice's global positions",
+        "test_rotary_embedding_is_looked_up_per_call"),
+    Override(
+        "sbtrain.model.experts.GroupedExperts.forward",
+        "megatron.core.transformer.moe.experts.SequentialMLP.forward",
+        "the forward signature (permuted_local_hidden_states, tokens_per_expert, "
+        "permuted_probs) and SequentialMLP.local_experts[i].linear_fc1/linear_fc2",
+        "one grouped GEMM over SequentialMLP's parameters and checkpoint layout",
+        "test_sequential_mlp_forward_and_experts"),
+)
+
+
+def installed_megatron_version() -> str:
+    """megatron-core's version without a local build tag (``0.19.2+f6a5b40`` -> ``0.19.2``)."""
+    from megatron.core import package_info  # deferred: costs seconds; only at setup
+
+    return package_info.__version__.split("+")[0]
+
+
+def check_megatron_version(installed: str | None = None) -> str | None:
+    """Warn (and return the message) when megatron-core is not the reviewed version."""
+    installed = installed or installed_megatron_version()
+    if installed == MEGATRON_CORE_VERSION:
+        return None
+    message = (f"megatron-core {installed} is installed; sbtrain's patch list "
+               f"(maca_compat/patches.py) and its dependencies on megatron-core internals "
+               f"(maca_compat/overrides.py) were reviewed against {MEGATRON_CORE_VERSION}: "
+               f"run tests/maca_compat before trusting a run, or install "
+               f"megatron-core=={MEGATRON_CORE_VERSION}")
+    logger.warning(message)
+    return message

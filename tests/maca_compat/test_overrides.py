@@ -1,0 +1,121 @@
+"""Pins what maca_compat/overrides.py says we rely on inside megatron-core: each test reads the
+installed megatron-core's code or signatures, so an upgrade that moves a dependency fails here
+(naming it) before a parity test fails for a reason that is hard to see. The behaviour built
+on them is tested elsewhere (sinks: tests/model/test_parallel_hybrid.py and the 76B parity
+runs; slice RoPE and the MoE padding mask: the SP parity runs in tests/parallel/plan.py;
+grouped experts: tests/model/test_experts.py). Plus the startup version check."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import logging
+import re
+import textwrap
+
+import pytest
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+from maca_compat.overrides import OVERRIDES, check_megatron_version, installed_megatron_version
+from maca_compat.patches import MEGATRON_CORE_VERSION
+
+
+def _source(function) -> str:
+    return textwrap.dedent(inspect.getsource(function))
+
+
+def _params(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def test_every_override_names_an_existing_pinning_test():
+    tests = {name for name in globals() if name.startswith("test_")}
+    assert {o.test for o in OVERRIDES} <= tests
+    for override in OVERRIDES:
+        assert override.relies_on and override.reason, override.ours
+
+
+def test_preprocess_tuple_index_5_is_the_padding_mask():
+    assert _params(GPTModel._preprocess)[:2] == ["self", "input_ids"]
+    tree = ast.parse(_source(GPTModel._preprocess))
+    tuples = [node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+              and any(getattr(t, "id", None) == "preproc_output" for t in node.targets)
+              and isinstance(node.value, ast.Tuple)]
+    assert len(tuples) == 1, "GPTModel._preprocess no longer builds one preproc_output tuple"
+    names = [getattr(e, "id", None) for e in tuples[0].elts]
+    assert names.index("padding_mask") == 5, names
+    # forward passes the padding mask on from that tuple (not from its own argument)
+    assert "self._preprocess(" in _source(GPTModel.forward)
+
+
+def test_postprocess_receives_the_decoder_output_first():
+    assert _params(GPTModel._postprocess)[:2] == ["self", "hidden_states"]
+    assert re.search(r"self\._postprocess\(\s*hidden_states=hidden_states,", _source(GPTModel.forward))
+
+
+def test_rope_length_is_computed_after_the_embedding():
+    source = _source(GPTModel._preprocess)
+    embed = source.index("decoder_input = self.embedding(")
+    rope_len = source.index("self.rotary_pos_emb.get_rotary_seq_len(")
+    assert embed < rope_len
+    assert "decoder_input, self.config" in source[rope_len:rope_len + 200]
+
+
+def test_rotary_embedding_is_looked_up_per_call():
+    source = _source(GPTModel._preprocess)
+    assert "rotary_pos_emb = self.rotary_pos_emb(" in source
+    assert "self.rotary_pos_emb = " in _source(GPTModel.__init__)
+
+
+def test_sequential_mlp_forward_and_experts():
+    assert _params(SequentialMLP.forward) == ["self", "permuted_local_hidden_states",
+                                              "tokens_per_expert", "permuted_probs"]
+    init = _source(SequentialMLP.__init__)
+    assert "self.local_experts = torch.nn.ModuleList()" in init
+
+
+def test_installed_megatron_is_the_reviewed_version():
+    assert installed_megatron_version() == MEGATRON_CORE_VERSION
+    assert check_megatron_version() is None
+
+
+def test_another_megatron_version_warns_naming_both(caplog):
+    with caplog.at_level(logging.WARNING, logger="sbtrain.maca_compat"):
+        message = check_megatron_version("0.20.0")
+    assert message and "megatron-core 0.20.0 is installed" in message
+    assert f"reviewed against {MEGATRON_CORE_VERSION}" in message
+    assert message in caplog.text
+
+
+@pytest.mark.parametrize("override", OVERRIDES, ids=lambda o: o.ours.rsplit(".", 1)[-1])
+def test_override_names_resolve(override):
+    """Both sides of every entry exist (a rename on either side fails here)."""
+    import importlib
+
+    for dotted in (override.ours, override.theirs):
+        parts = dotted.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ImportError:
+                continue
+        for attr in parts[cut:]:
+            if attr == "embedding" or attr == "rotary_pos_emb":
+                assert attr in _source(obj.__init__), dotted  # instance attributes
+                break
+            obj = getattr(obj, attr)
+
+
+def test_setup_checks_the_version(monkeypatch, caplog):
+    """``maca_compat.runtime.setup`` (every trainer and conversion start) runs the check."""
+    from maca_compat import overrides, runtime
+    from maca_compat.platform import get_platform
+
+    monkeypatch.setattr(overrides, "installed_megatron_version", lambda: "0.20.0")
+    monkeypatch.setattr(runtime, "apply_patches", lambda vendor: [])
+    monkeypatch.setattr(runtime, "apply_comm_env", lambda platform: None)
+    with caplog.at_level(logging.WARNING, logger="sbtrain.maca_compat"):
+        runtime.setup(get_platform())
+    assert "megatron-core 0.20.0 is installed" in caplog.text
