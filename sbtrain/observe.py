@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import uuid
 from pathlib import Path
 
 import torch
@@ -127,7 +128,8 @@ class TensorBoardSink:
 
 class WandbSink:
     """A W&B run in ``RUN_DIR`` (``profiler.wandb_mode: offline`` needs no network; ``wandb
-    sync RUN_DIR/wandb/offline-run-*`` uploads it later)."""
+    sync RUN_DIR/wandb/offline-run-*`` uploads it later). Its id is kept in
+    ``RUN_DIR/wandb_run_id``, so a resumed run continues the same W&B run."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         try:
@@ -138,8 +140,12 @@ class WandbSink:
                 "(pip install wandb)") from exc
         p = cfg.profiler
         self.wandb = wandb
+        id_file = run_dir / "wandb_run_id"
+        if not id_file.is_file():
+            id_file.write_text(uuid.uuid4().hex[:12])
         self.run = wandb.init(project=p.wandb_project, name=run_dir.name, dir=str(run_dir),
-                              mode=p.wandb_mode, config=to_dict(cfg))
+                              mode=p.wandb_mode, config=to_dict(cfg),
+                              id=id_file.read_text().strip(), resume="allow")
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)

@@ -79,6 +79,9 @@ def test_wandb_sink_gets_the_metrics_record_and_the_resolved_config(tmp_path, mo
     observer.write(record)
     observer.close()
     assert calls["init"]["mode"] == "offline" and calls["init"]["project"] == "proj"
+    # the same W&B run id again when the run resumes
+    assert calls["init"]["id"] == (tmp_path / "run" / "wandb_run_id").read_text()
+    assert calls["init"]["resume"] == "allow"
     assert calls["init"]["config"]["train"]["run_dir"] == str(tmp_path / "run")
     assert calls["init"]["config"]["profiler"]["wandb"] is True
     # the numbers of the metrics.jsonl line (non-finite and text left out), at its step
