@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=examples/configs/first_run.yaml
-RUN_DIR=runs/first_run
+RUN_DIR=${RUN_DIR:-runs/first_run}   # tests point it elsewhere
 DATA=$RUN_DIR/data/sample_corpus
 if [[ ! -f $DATA.idx ]]; then
   python3 -m sbtrain.cli preprocess --input examples/data/sample_corpus.jsonl \
@@ -21,6 +21,6 @@ else
 fi
 # a fresh run each time (a run refuses to start at step 0 over an existing metrics.jsonl)
 rm -f "$RUN_DIR/metrics.jsonl"
-torchrun --standalone "${LAUNCH[@]}" "$@"
+torchrun --standalone "${LAUNCH[@]}" --set "train.run_dir=$RUN_DIR" --set "data.paths=[$DATA]" "$@"
 echo "run directory $RUN_DIR: metrics.png (loss curves), metrics.jsonl (every step)," \
   "profile.json (throughput), resolved_config.yaml; tokenized corpus $DATA.{bin,idx}"

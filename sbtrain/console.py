@@ -7,7 +7,7 @@ scripts' Python side) through ``setup_console``; importing this module changes n
 - Every entry of ``QUIET`` names one third-party message (a ``warnings.warn`` or a log record)
   and why it is noise for sbtrain's users. ``--verbose`` or ``SB_LOG_LEVEL=DEBUG`` shows them
   again. Re-check the list on every megatron-core / torch bump (``tests/test_console.py``
-  reports entries that no longer match anything seen in a run, see ``unused_entries``).
+  checks each entry against the message it names).
 - Under torchrun only the logging rank (the last one: it holds the loss) shows warnings, so an
   import-time warning appears once, not once per rank; errors are still printed by every rank
   that has one.
