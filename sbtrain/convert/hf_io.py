@@ -50,6 +50,9 @@ def write_hf_shards(directory: str | Path, tensors: Iterable[tuple[str, torch.Te
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # an older export's shards would otherwise stay beside the new ones (and its index)
+    for old in [*directory.glob("model*.safetensors"), directory / INDEX]:
+        old.unlink(missing_ok=True)
     shard: dict[str, torch.Tensor] = {}
     written: list[tuple[str, list[str]]] = []
     size = total = 0
