@@ -77,7 +77,8 @@ def test_set_of_save_dir_and_run_dir_keeps_per_stage_directories(tmp_path):
 
 
 def test_second_stage_starts_from_first_stage_weights(tmp_path):
-    """Stage 'long' step 1 equals a plain run started from stage 'short's checkpoint."""
+    """Stage 'long' step 1 equals a plain run started from stage 'short's checkpoint and
+    data position."""
     path = write(tmp_path, STAGED)
     launch(path, 1, ["--stage", "short"])
     launch(path, 1, ["--stage", "long"])
@@ -88,6 +89,9 @@ def test_second_stage_starts_from_first_stage_weights(tmp_path):
     raw["train"].update(seq_length=16, train_iters=2, run_dir=str(tmp_path / "manual"))
     raw["optim"]["lr"] = 5.0e-4
     raw["checkpoint"] = {"pretrained": str(tmp_path / "ckpt" / "short")}
+    # and the data stream where stage 'short' stopped (tests/data/test_stage_stream.py)
+    raw.setdefault("data", {})["start_tokens"] = load_config(path, stage="long").data.start_tokens
+    assert raw["data"]["start_tokens"] > 0
     manual.write_text(yaml.safe_dump(raw))
     launch(manual, 1)
     fresh = tmp_path / "fresh.yaml"
