@@ -130,7 +130,10 @@ def _save_failure(partial: Path, exc: BaseException) -> str:
         free = f"{shutil.disk_usage(partial.parent).free / 2**30:.2f} GiB free on its disk; "
     except OSError:
         free = ""
-    return (f"cannot save checkpoint {partial}: {type(exc).__name__}: {_cause(exc)} "
+    # a half-written save is never loaded (nothing points at it), but on a full disk its
+    # shards hold the space the next save needs: remove it
+    shutil.rmtree(partial, ignore_errors=True)
+    return (f"cannot save checkpoint {partial} (removed): {type(exc).__name__}: {_cause(exc)} "
             f"({free}the previous complete checkpoint is kept)")
 
 

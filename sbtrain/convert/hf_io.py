@@ -13,6 +13,18 @@ SINGLE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
+class HFTensors(dict):
+    """A HF directory's tensors by name; a missing name is an error naming the directory."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory = directory
+
+    def __missing__(self, key: str) -> torch.Tensor:
+        raise ValueError(f"{self.directory}: no tensor {key!r} in its safetensors files "
+                         "(an incomplete or differently named checkpoint)")
+
+
 def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json as a dict, every tensor) of a HF directory saved as safetensors."""
     from safetensors.torch import load_file
@@ -29,7 +41,7 @@ def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     else:
         raise FileNotFoundError(f"{directory} has no {SINGLE} or {INDEX} (only safetensors "
                                 "checkpoints are read; re-save with safe_serialization=True)")
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = HFTensors(directory)
     for name in files:
         path = directory / name
         if not path.is_file():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -112,6 +114,28 @@ def test_mismatched_config_names_the_key(qwen_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "x")])
     assert code == 2
     assert "model.hidden_size=64 but HF hidden_size=32" in capsys.readouterr().err
+
+
+def test_missing_tensor_names_the_directory_and_the_tensor(qwen_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(qwen_dir, broken)
+    for shard in broken.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        tensors.pop("model.norm.weight", None)
+        save_file(tensors, str(shard))
+    index = broken / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"].pop("model.norm.weight", None)
+        index.write_text(json.dumps(data))
+    code = main(["hf-to-sbtrain", "--hf", str(broken), "--config",
+                 write_yaml(tmp_path / "ok.yaml", "L-W-L-W-"), "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert f"{broken}: no tensor 'model.norm.weight'" in capsys.readouterr().err
 
 
 def test_layouts_the_official_class_cannot_hold_export_as_spikingbrain_hybrid(qwen_dir, tmp_path):

@@ -21,10 +21,13 @@ def test_checkpoint_load_failure_names_checkpoint_cause_and_older_ones(tmp_path)
 
 
 def test_checkpoint_save_failure_names_checkpoint_and_free_space(tmp_path):
-    line = _save_failure(tmp_path / "iter_0000003.partial",
-                         OSError(28, "No space left on device"))
-    assert line.startswith(f"cannot save checkpoint {tmp_path / 'iter_0000003.partial'}: "
+    partial = tmp_path / "iter_0000003.partial"
+    (partial / "shard").mkdir(parents=True)
+    (partial / "shard" / "0.distcp").write_bytes(b"half")
+    line = _save_failure(partial, OSError(28, "No space left on device"))
+    assert line.startswith(f"cannot save checkpoint {partial} (removed): "
                            "OSError: [Errno 28] No space left on device (")
+    assert not partial.exists()  # no half checkpoint left holding the disk
     assert "GiB free on its disk; the previous complete checkpoint is kept)" in line
 
 
