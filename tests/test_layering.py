@@ -8,7 +8,7 @@ From the bottom up:
   model     sbtrain.model, sbtrain.spiking (the neuron)
                                    imports parallel, ops, the platform and the plain
                                    definitions (sbtrain.config, sbtrain.errors) only
-  top       the trainer, tools (CLI, spikestats, convert)
+  top       the trainer, tools (CLI, spikestats, convert, generate)
                                    nothing below imports them
 and no two of our modules import each other in a circle at module level.
 """
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("maca_compat", "ops", "parallel", "sbtrain")
 DEFINITIONS = ("sbtrain.config", "sbtrain.errors")
 TOP = ("sbtrain.trainer", "sbtrain.trainer_setup", "sbtrain.train", "sbtrain.cli",
-       "sbtrain.tools", "sbtrain.convert")
+       "sbtrain.tools", "sbtrain.convert", "sbtrain.generate")  # generate: `sbtrain generate`
 # May import only these (besides itself); the first match of the module's name decides.
 ALLOWED = {
     "maca_compat": (),
