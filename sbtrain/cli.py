@@ -22,9 +22,6 @@ commands:
                                   (checks the config as train does)
   config CONFIG [--stage S] [--set k=v]
                                   the resolved config as YAML (every default filled in)
-                                  (checks the config as train does)
-  config CONFIG [--stage S] [--set k=v]
-                                  the resolved config as YAML (every default filled in)
   preprocess --input X.jsonl --output-prefix P --tokenizer T
                                   jsonl text -> Megatron .bin/.idx
   stages CONFIG                   the names of the config's training stages, one per line
@@ -69,22 +66,6 @@ def plan_main(argv: list[str]) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
-    return 0
-
-
-def config_main(argv: list[str]) -> int:
-    from sbtrain.train import add_config_args
-
-    parser = argparse.ArgumentParser(prog="sbtrain config",
-                                     description="print the resolved config as YAML")
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides, stage=args.stage)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
@@ -167,8 +148,6 @@ def _run(command: str, rest: list[str]) -> int:
         from sbtrain.data.preprocess import main as preprocess_main
 
         return preprocess_main(rest)
-    if command == "config":
-        return config_main(rest)
     if command == "config":
         return config_main(rest)
     if command == "stages":
