@@ -19,8 +19,13 @@ else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   LAUNCH=(--nproc_per_node=2 -m sbtrain.train "$CONFIG" --set parallel.ep=2)
 fi
-# a fresh run each time (a run refuses to start at step 0 over an existing metrics.jsonl)
-rm -f "$RUN_DIR/metrics.jsonl"
-torchrun --standalone "${LAUNCH[@]}" --set "train.run_dir=$RUN_DIR" --set "data.paths=[$DATA]" "$@"
+# a fresh run each time (a run refuses to start at step 0 over an existing metrics.jsonl, and
+# would resume from an existing checkpoint)
+rm -rf "$RUN_DIR/metrics.jsonl" "$RUN_DIR/checkpoints"
+torchrun --standalone "${LAUNCH[@]}" --set "train.run_dir=$RUN_DIR" --set "data.paths=[$DATA]" \
+  --set "checkpoint.save_dir=$RUN_DIR/checkpoints" "$@"
 echo "run directory $RUN_DIR: metrics.png (loss curves), metrics.jsonl (every step)," \
-  "profile.json (throughput), resolved_config.yaml; tokenized corpus $DATA.{bin,idx}"
+  "profile.json (throughput), resolved_config.yaml, checkpoints/; tokenized corpus $DATA.{bin,idx}"
+# a quick look at what the model learned: greedy continuation of a prompt from the checkpoint
+python3 -m sbtrain.cli generate --checkpoint "$RUN_DIR/checkpoints" --config "$CONFIG" \
+  --set "data.paths=[$DATA]" --prompt "Simple risotto: you will need" --max-new-tokens 24

@@ -63,6 +63,16 @@ QUIET: tuple[Quiet, ...] = (
           "logged on every dist_checkpointing save, also synchronous ones"),
     Quiet(r"(save|load)_common is deprecated", "log",
           "dist_checkpointing's own calls in 0.19.2"),
+    Quiet(r"Triton is not supported on current platform", "warning",
+          "fla-core on import without a GPU (sbtrain generate's HF modeling code imports it "
+          "optionally); the plain-torch path is what runs on CPU"),
+    Quiet(r"torch\.distributed is disabled, unavailable or uninitialized", "warning",
+          "torch DCP when sbtrain generate loads a distributed checkpoint into one process, "
+          "which is what it means to do"),
+    Quiet(r"The argument order of load has been changed", "warning",
+          "torch DCP on megatron-core 0.19.2's positional call of its load"),
+    Quiet(r"Please use DTensor instead and we are deprecating ShardedTensor", "warning",
+          "torch DCP's planner on megatron-core 0.19.2's ShardedTensor checkpoints"),
 )
 
 

@@ -26,6 +26,12 @@ SEEN = [
     "DistributedDataParallel: full_param_layout not provided with use_distributed_optimizer=True.",
     "MCore's async save is deprecated and will be removed in the future releases.",
     "save_common is deprecated and will be removed in a future release.",
+    "Triton is not supported on current platform, roll back to CPU.",
+    "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
+    "in a single process.",
+    "The argument order of load has been changed. Please check the document to avoid future "
+    "breakages.",
+    "Please use DTensor instead and we are deprecating ShardedTensor.",
 ]
 
 

@@ -148,6 +148,8 @@ def test_first_run_as_documented(tmp_path):
     assert all("eval" in line and len(line) < 140 for line in step_lines)
     assert (run / "metrics.png").stat().st_size > 0 and (run / "metrics.jsonl").is_file()
     assert f"run directory {run}" in out
+    # the run ends with a greedy sample from its checkpoint (sbtrain generate)
+    assert f"[{run / 'checkpoints'} step 4] Simple risotto: you will need" in out
     setup_lines = proc.stdout + proc.stderr
     for said in ("platform cpu", "layout: 2 ranks", "model: 'L-W-HEFE'", "data: indexed",
                  "op gla -> backend"):
