@@ -125,6 +125,22 @@ class _Formatter(logging.Formatter):
 _HANDLER_NAME = "sbtrain-console"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time, not the object it was when set up
+    (a redirected or replaced stderr, e.g. pytest's capture, is never written after closing)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 def setup_console(verbose: bool = False, stream=None) -> int:
     """Apply QUIET and the logging setup to this process; returns sbtrain's log level.
 
@@ -143,7 +159,7 @@ def setup_console(verbose: bool = False, stream=None) -> int:
     for handler in list(root.handlers):
         if handler.get_name() == _HANDLER_NAME:
             root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(_Formatter())
     if not show_all:

@@ -50,11 +50,17 @@ def assert_names(err: ConfigError, key: str, source: Path | str | None = None) -
 # --------------------------------------------------------------------------- loading
 
 
+def loaded_defaults() -> RunConfig:
+    """RunConfig() as load_config returns it: data.start_tokens -1 resolved (no stages: 0)."""
+    defaults = RunConfig()
+    return dataclasses.replace(defaults, data=dataclasses.replace(defaults.data, start_tokens=0))
+
+
 def test_minimal_file_gives_defaults(tmp_path: Path):
-    assert load_config(write(tmp_path, "")) == RunConfig()
+    assert load_config(write(tmp_path, "")) == loaded_defaults()
     cfg = load_config(write(tmp_path, {"model": {"hidden_size": 128}}))
     assert cfg.model.hidden_size == 128
-    assert dataclasses.replace(cfg, model=ModelConfig()) == RunConfig()
+    assert dataclasses.replace(cfg, model=ModelConfig()) == loaded_defaults()
 
 
 def test_config_error_is_a_value_error():
@@ -373,6 +379,7 @@ def test_dump_then_load_round_trips(tmp_path: Path):
               "tokenizer": "tok.json"},
     )
     cfg.optim.lr, cfg.optim.min_lr = 1e-4, 1e-5
+    cfg.data.start_tokens = 0  # as resolved by load_config (-1 means "after earlier stages")
     path = tmp_path / "out" / "resolved.yaml"
     dump_config(cfg, path)
     assert load_config(path) == cfg
@@ -382,7 +389,7 @@ def test_dump_then_load_round_trips(tmp_path: Path):
     assert set(raw) == {f.name for f in dataclasses.fields(RunConfig)}
     assert set(raw["model"]["moe"]) == {f.name for f in dataclasses.fields(MoEConfig)}
     dump_config(RunConfig(), tmp_path / "defaults.yaml")
-    assert load_config(tmp_path / "defaults.yaml") == RunConfig()
+    assert load_config(tmp_path / "defaults.yaml") == loaded_defaults()
 
 
 # --------------------------------------------------------------------------- shipped configs

@@ -210,10 +210,13 @@ def test_platform_restricted_backend_is_skipped_on_other_platforms(monkeypatch: 
 
 
 def test_cuda_only_library_backends_name_their_platform():
-    """torch's flash SDPA is the CUDA-only library kernel among the registered backends."""
+    """torch's flash SDPA and grouped matmul (CUTLASS) are the CUDA-only library kernels among
+    the registered backends."""
     import ops.attention  # noqa: F401  (registers the attention backends)
     import ops.gla  # noqa: F401
+    import ops.grouped_mlp  # noqa: F401
 
     marked = {(op, b.name): b.platforms for op, reg in registries().items() for b in reg.backends
               if b.platforms is not None}
-    assert marked == {("softmax_attention", "sdpa_causal"): ("cuda",)}
+    assert marked == {("softmax_attention", "sdpa_causal"): ("cuda",),
+                      ("grouped_linear", "grouped_mm"): ("cuda",)}
