@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from ops.grouped_mlp import grouped_swiglu_mlp, swiglu
+from ops.grouped_mlp import grouped_swiglu_mlp
 from sbtrain.spiking import layers as spiking_layers
 
 
@@ -78,7 +78,7 @@ class GroupedExperts(SequentialMLP):
         # the whole [.., 2F] fc1 output; all experts share that (stateless) module's class.
         if self.config.use_te_activation_func:
             return self.local_experts[0].activation_func
-        return swiglu
+        return _megatron_glu
 
     def _neuron(self):
         fc1 = self.local_experts[0].linear_fc1
@@ -95,3 +95,10 @@ class GroupedExperts(SequentialMLP):
         if group is not None and dist.get_world_size(group) > 1:
             return lambda x: neuron.sharded(x, group)
         return neuron
+
+
+def _megatron_glu(x: torch.Tensor) -> torch.Tensor:
+    """Megatron's unfused gated linear unit with SiLU: what its MLP computes without
+    ``use_te_activation_func`` (chunk, ``activation_func``, multiply)."""
+    gate, up = torch.chunk(x, 2, dim=-1)
+    return F.silu(gate) * up
