@@ -51,14 +51,17 @@ def test_staged_long_context_schedule(tmp_path):
         "checkpoint.save_dir": str(tmp_path / "ckpt"), "stages": STAGES})
     launch(config, 4, ["--stage", "all"])
     staged = metrics(tmp_path / "staged" / "s64")
+    # --set run_dir/save_dir are bases the stage extends with its name; the starting
+    # checkpoint is named explicitly: the staged run's s32
     single = {"parallel.sp": 1, "train.run_dir": str(tmp_path / "single"),
-              "checkpoint.save_dir": str(tmp_path / "single_ckpt")}
+              "checkpoint.save_dir": str(tmp_path / "single_ckpt"),
+              "checkpoint.pretrained": str(tmp_path / "ckpt" / "s32")}
     launch(config, 1, ["--stage", "s64", *_sets(single)])
-    assert_same_curve(staged, metrics(tmp_path / "single"))
+    assert_same_curve(staged, metrics(tmp_path / "single" / "s64"))
     fresh = {**single, "train.run_dir": str(tmp_path / "fresh"), "checkpoint.pretrained": "''",
              "checkpoint.save_dir": str(tmp_path / "fresh_ckpt")}
     launch(config, 1, ["--stage", "s64", *_sets(fresh)])
-    assert abs(metrics(tmp_path / "fresh")[0]["loss"] - staged[0]["loss"]) > 1e-4
+    assert abs(metrics(tmp_path / "fresh" / "s64")[0]["loss"] - staged[0]["loss"]) > 1e-4
 
 
 def _sets(overrides: dict) -> list[str]:
