@@ -103,7 +103,7 @@ def config_cases(args: argparse.Namespace) -> list[Case]:
     sets = dict(CONFIG_CASE_SETS)
     if args.recompute:
         sets["train.recompute"] = args.recompute
-    if args.loss_chunk:
+    if args.loss_chunk != "auto":
         sets["train.loss_chunk_tokens"] = args.loss_chunk
     cases = []
     for seq in args.seqs or [0]:
@@ -238,8 +238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            help="'default maca' runs each case on both (maca: SB_PLATFORM=maca)")
     platforms.add_argument("--platform", choices=PLATFORMS, dest="platform_one",
                            help="one platform (same as --platforms X)")
-    parser.add_argument("--loss-chunk", type=int, default=0,
-                        help="train.loss_chunk_tokens (0: whole logits, Megatron's loss)")
+    parser.add_argument("--loss-chunk", default="auto",
+                        help="train.loss_chunk_tokens: auto (training's default: ops.loss on GPUs "
+                        "with tp 1), 0 (whole logits, Megatron's loss) or tokens per chunk")
     parser.add_argument("--config", default=None, help="benchmark this YAML instead of the two layouts")
     parser.add_argument("--nproc", type=int, default=1, help="with --config: GPUs (processes)")
     parser.add_argument("--stage", default=None, help="with --config: stage to run (default: the first)")
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     what = args.config or f"{args.layers} layers at 7B width"
     print(f"\n{torch.cuda.get_device_name()} | {what} | global batch {args.global_batch} | recompute "
           f"{args.recompute or 'full' if not args.config else args.recompute or 'config'} | loss chunk "
-          f"{args.loss_chunk or 'off'}\n")
+          f"{args.loss_chunk}\n")
     print(table(results))
     print(json.dumps(results))
     return 0
