@@ -40,9 +40,15 @@ def write_config(tmp: Path, name: str, overrides: dict) -> Path:
     return path
 
 
+# rendezvous variables an in-process test's plain-python group leaves in os.environ (with its
+# TCPStore still bound to MASTER_PORT): a child must not inherit them
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launch_env(env: dict | None = None) -> dict:
     """The environment of a CPU/gloo launch: no compilation, one thread, the repo importable."""
-    return {**os.environ, "TORCH_COMPILE_DISABLE": "1", "SB_PLATFORM": "cpu",
+    inherited = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    return {**inherited, "TORCH_COMPILE_DISABLE": "1", "SB_PLATFORM": "cpu",
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             **(env or {})}
