@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The step-level benchmarks of the speed and MoE issues as named sets, one device call each:
+# every command runs under its own time limit, a failure does not stop the next, and every
+# command's log and results land in $OUT/<set>/ (runs/gpu_session/<set>/ without OUT).
+#   bash bench/gpu_session.sh speed    # 7B width 8 layers 8K global batch 8: hybrid + softmax, peers
+#   bash bench/gpu_session.sh moe      # 76B slice on one GPU: default and SB_PLATFORM=maca, profile
+#   bash bench/gpu_session.sh profile  # torch.profiler of the 7B-width step after the speed work
+# Wheels: scripts/fetch_gpu_wheels.sh before, carried as .whl/ (scripts/gpu_env.sh installs them).
+set -uo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo" || exit 1
+set_name="${1:?usage: gpu_session.sh speed|moe|profile}"
+out="${OUT:-runs/gpu_session}/$set_name"
+mkdir -p "$out"
+# shellcheck source=scripts/gpu_env.sh
+source scripts/gpu_env.sh || { echo "gpu_session: installing the carried wheels failed" >&2; exit 1; }
+python3 -c "from ops.gla.tuning import seed_autotune_cache; seed_autotune_cache()"
+
+status=0
+step() {  # step NAME SECONDS CMD...: one command, its own limit and log
+  local name="$1" limit="$2"; shift 2
+  echo "== $name (limit ${limit}s): $*" | tee -a "$out/session.log"
+  local start=$SECONDS
+  timeout --signal=TERM --kill-after=20 "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc after $((SECONDS - start)) s" | tee -a "$out/session.log"
+  tail -n 25 "$out/$name.log"
+  [ "$rc" -ne 0 ] && status=1
+}
+
+# the 7B-width step at 8 layers, 8K, global batch 8 (issue 14 item 7 targets >= 45% MFU)
+SEVEN_B_WIDTH=(--set model.hidden_size=3584 --set model.num_attention_heads=28 --set model.num_query_groups=4
+  --set model.ffn_hidden_size=18944 --set model.vocab_size=152064 --set model.sliding_window=4096
+  --set model.max_position_embeddings=131072 --set model.pattern=L-W-L-W-L-W-L-W-
+  --set train.seq_length=8192 --set train.global_batch_size=1 --set train.micro_batch_size=1
+  --set train.precision=bf16 --set data.kind=synthetic)
+
+case "$set_name" in
+  speed)
+    step model_gbs8 330 python3 bench/bench_model.py --layers 8 --seqs 8192 --global-batch 8 --steps 4 \
+      --recompute auto --out "$out/model_gbs8"
+    step peers 200 python3 bench/bench_peers.py --layers 8 --seq 8192 --global-batch 8 --steps 3 \
+      --recompute none --out "$out/peers"
+    ;;
+  moe)
+    step moe_1gpu 330 python3 bench/bench_model.py --config examples/configs/spikingbrain_76b_1gpu.yaml \
+      --steps 5 --global-batch 4 --recompute auto --platforms default maca --out "$out/moe_1gpu"
+    step moe_profile 200 torchrun --standalone --nproc_per_node=1 bench/profile_step.py \
+      examples/configs/spikingbrain_76b_1gpu.yaml --set train.recompute=auto --out "$out/moe_profile"
+    ;;
+  profile)
+    step profile_7b 240 torchrun --standalone --nproc_per_node=1 bench/profile_step.py examples/configs/tiny.yaml \
+      "${SEVEN_B_WIDTH[@]}" --set train.recompute=none --out "$out/profile_7b"
+    ;;
+  *) echo "gpu_session: unknown set '$set_name' (speed|moe|profile)" >&2; exit 2 ;;
+esac
+exit $status
