@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 
 from maca_compat.platform import get_platform
+from ops.autotune_pin import install_autotune_pin
 
 logger = logging.getLogger("sbtrain.ops")
 
@@ -252,7 +253,10 @@ def triton_available(device: torch.device | torch.Tensor | str) -> Check:
     device = device.device if isinstance(device, torch.Tensor) else torch.device(device)
     if device.type != "cuda":
         return False, f"triton kernels need a GPU (got device {device.type!r})"
-    return _triton_importable()
+    ok, reason = _triton_importable()
+    if ok:
+        install_autotune_pin()  # a no-op unless SB_TRITON_PIN=1 (test runs)
+    return ok, reason
 
 
 def tensor_verifier(

@@ -7,6 +7,9 @@ import pytest
 
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("SB_PLATFORM", "cpu")
+# GPU tests run every autotuned Triton kernel with one pinned config (ops/autotune_pin.py): no test
+# autotunes, and the processes tests launch inherit it
+os.environ.setdefault("SB_TRITON_PIN", "1")
 
 
 def pytest_configure(config):
