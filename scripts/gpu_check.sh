@@ -57,12 +57,12 @@ summary, work, gpus, markers = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
 def test_file(classname: str) -> str:
     """junit's classname is the module path plus any test class: keep the part that is a file."""
-    parts = classname.split(".")
+    parts = [part for part in classname.split(".") if part]
     for end in range(len(parts), 0, -1):
         path = Path(*parts[:end]).with_suffix(".py")
         if path.is_file():
             return str(path)
-    return classname
+    return classname or "(collection)"
 
 
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
