@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sbtrain.config.schema import RunConfig
-from sbtrain.model.layer_specs import build_layer_specs
+from sbtrain.model.spec_provider import build_layer_specs
 from sbtrain.model.megatron_config import to_megatron_config
 
 

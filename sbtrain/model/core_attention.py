@@ -45,6 +45,11 @@ class SoftmaxCoreAttention(MegatronModule):
         self.sp_group = sequence_parallel_group(pg_collection)
         self.layer_number = layer_number
 
+    def neuron_sites(self) -> dict[str, torch.nn.Module | None]:
+        """Where this module calls the neuron itself (``sbtrain.spiking.layers.neuron_sites``):
+        the queries, when spiking a sliding window; they feed no projection."""
+        return {} if self.query_neuron is None else {"query": None}
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None) -> torch.Tensor:

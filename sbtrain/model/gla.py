@@ -97,6 +97,11 @@ class GatedLinearAttention(MegatronModule):
         self.g_norm_weight = torch.nn.Parameter(torch.ones(dim))
         self.norm_eps = config.layernorm_epsilon
 
+    def neuron_sites(self) -> dict[str, torch.nn.Module | None]:
+        """Where this mixer calls the neuron itself, site -> the projection the spikes feed
+        (``sbtrain.spiking.layers.neuron_sites``): the gate's input, when spiking."""
+        return {} if self.input_neuron is None else {"gate_down": self.gate_down}
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **unused) -> tuple[torch.Tensor, torch.Tensor | None]:
         qkv, gate = self.project(hidden_states)

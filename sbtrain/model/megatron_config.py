@@ -35,7 +35,7 @@ def to_megatron_config(cfg: RunConfig, params_dtype: torch.dtype):
         # Fusions need apex/TE or CUDA kernels; the plain paths are exact and portable.
         bias_activation_fusion=False,
         # Despite the name, no TE: every MLP applies the module in MLPSubmodules.activation_func
-        # to the whole fc1 output; layer_specs puts ops.swiglu.SwiGLU there (Triton on GPUs).
+        # to the whole fc1 output; spec_provider puts ops.swiglu.SwiGLU there (Triton on GPUs).
         use_te_activation_func=True,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,

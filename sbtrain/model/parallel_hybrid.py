@@ -74,6 +74,11 @@ class ParallelHybridAttention(MegatronModule):
         self.linear_norm_weight = torch.nn.Parameter(torch.ones(self.head_dim))
         self.softmax_norm_weight = torch.nn.Parameter(torch.ones(self.head_dim))
 
+    def neuron_sites(self) -> dict[str, torch.nn.Module | None]:
+        """Where this mixer calls the neuron itself (``sbtrain.spiking.layers.neuron_sites``):
+        the softmax branch's queries, when spiking a sliding window; they feed no projection."""
+        return {} if self.query_neuron is None else {"query": None}
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb=None, **unused) -> tuple[torch.Tensor, torch.Tensor | None]:
         seq, batch = hidden_states.shape[:2]

@@ -87,7 +87,7 @@ def install_ffn_activation_recompute(model: torch.nn.Module) -> int:
         if isinstance(module, MLP) and not isinstance(module.activation_func, DiscardedActivation):
             if not isinstance(module.activation_func, torch.nn.Module):
                 raise TypeError("FFN activation recompute needs the activation as a module "
-                                "(layer_specs puts ops.swiglu.SwiGLU in every MLP)")
+                                "(the spec provider puts ops.swiglu.SwiGLU in every MLP)")
             module.activation_func = DiscardedActivation(module.activation_func)
             module.linear_fc2.register_forward_hook(_discard_after_fc2(module.activation_func))
             count += 1

@@ -86,19 +86,30 @@ def is_spiking_linear(module: torch.nn.Module) -> bool:
 def neuron_sites(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
     """Every module that calls the neuron in its forward, with its site name.
 
-    Spiking linears are named as modules (``decoder.layers.0.mlp.linear_fc1``); a GLA mixer
-    spikes its gate's input (``<mixer>.gate_down``); a sliding-window core attention, or a
-    parallel-hybrid mixer with a window, spikes its queries (``<module>.query``).
+    Spiking linears are named as modules (``decoder.layers.0.mlp.linear_fc1``); a module that
+    calls the neuron itself declares where in ``neuron_sites()`` (a GLA mixer spikes its gate's
+    input, ``<mixer>.gate_down``; a sliding-window core attention or parallel-hybrid mixer its
+    queries, ``<module>.query``). Forward hooks attribute per module, so one module declares
+    at most one site.
     """
     sites = {}
     for name, module in model.named_modules():
         if is_spiking_linear(module):
             sites[module] = name
-        elif getattr(module, "input_neuron", None) is not None:
-            sites[module] = f"{name}.gate_down"
-        elif getattr(module, "query_neuron", None) is not None:
-            sites[module] = f"{name}.query"
+            continue
+        declared = list(declared_sites(module))
+        if len(declared) > 1:
+            raise ValueError(f"{name} declares neuron sites {declared}; the firing recorder "
+                             f"attributes spikes per module, so one module may declare one")
+        if declared:
+            sites[module] = f"{name}.{declared[0]}"
     return sites
+
+
+def declared_sites(module: torch.nn.Module) -> dict[str, torch.nn.Module | None]:
+    """A module's own neuron sites (site -> the projection the spikes feed, or None)."""
+    declare = getattr(module, "neuron_sites", None)
+    return declare() if callable(declare) else {}
 
 
 @contextlib.contextmanager
@@ -166,23 +177,3 @@ class _SpikingInput:
 def spiking_linear(base: type, neuron: Neuron) -> type:
     """``base`` (a Column/RowParallelLinear class) with the neuron on its input."""
     return type(f"Spiking{base.__name__}", (_SpikingInput, base), {"neuron": neuron})
-
-
-def with_spiking_linears(spec: Any, neuron: Neuron) -> Any:
-    """A copy of a layer spec tree with every parallel linear class made spiking.
-
-    Walks ModuleSpec/submodule dataclasses and ``functools.partial`` builders (Megatron's
-    MLP spec is one), so dense MLPs, routed and shared experts are all reached.
-    """
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    if isinstance(spec, type) and spec in (ColumnParallelLinear, RowParallelLinear):
-        return spiking_linear(spec, neuron)
-    if isinstance(spec, functools.partial):
-        keywords = {k: with_spiking_linears(v, neuron) for k, v in spec.keywords.items()}
-        return functools.partial(spec.func, *spec.args, **keywords)
-    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        changes = {f.name: with_spiking_linears(getattr(spec, f.name), neuron)
-                   for f in dataclasses.fields(spec) if f.init}
-        return dataclasses.replace(spec, **changes)
-    return spec

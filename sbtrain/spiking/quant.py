@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from sbtrain.config.schema import WEIGHT_QUANT as WEIGHT_QUANT_SCHEMES
+from sbtrain.spiking.layers import declared_sites, is_spiking_linear
 
 INT8_MAX = 127
 
@@ -89,15 +90,14 @@ def spiked_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     mixer, dense MLP, routed and shared experts) and GLA's gate down-projection, whose input
     the GLA mixer spikes itself. Empty when the model was built without spiking.
     """
-    from sbtrain.spiking.layers import is_spiking_linear
-
     found = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if is_spiking_linear(module):
             found[f"{prefix}weight"] = module.weight
-        elif getattr(module, "input_neuron", None) is not None and hasattr(module, "gate_down"):
-            found[f"{prefix}gate_down.weight"] = module.gate_down.weight
+        for site, projection in declared_sites(module).items():
+            if projection is not None:
+                found[f"{prefix}{site}.weight"] = projection.weight
     return found
 
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-import sbtrain.model.layer_specs as layer_specs
 from parallel.init import _sharded_tensors, init_parameters_globally
 from sbtrain.config import RunConfig
 from sbtrain.config.schema import ModelConfig, MoEConfig, SpikingConfig
 from sbtrain.convert.session import one_process_model
 from sbtrain.model.experts import GroupedExperts
+from sbtrain.model.spec_provider import SpecProvider
 
 COUNTS = [9, 0, 23, 1]   # uneven, one expert without tokens
 
@@ -80,7 +80,7 @@ def test_checkpoint_keys_equal_sequential_mlp(monkeypatch):
     with one_process_model(moe_cfg()) as model:
         assert isinstance(_experts(model), GroupedExperts)
         grouped = _checkpoint_layout(model)
-    monkeypatch.setattr(layer_specs, "_with_grouped_experts", lambda layer: layer)
+    monkeypatch.setattr(SpecProvider, "routed_experts", SequentialMLP)
     with one_process_model(moe_cfg()) as model:
         assert type(_experts(model)) is SequentialMLP
         stock = _checkpoint_layout(model)
