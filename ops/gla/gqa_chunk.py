@@ -20,16 +20,8 @@ from fla.ops.utils.constant import RCP_LN2
 from fla.ops.utils.cumsum import chunk_local_cumsum
 from torch import Tensor
 
-from ops.gla.gqa_kernels import (
-    gqa_bwd_dA,
-    gqa_bwd_dh,
-    gqa_bwd_dv,
-    gqa_bwd_inter,
-    gqa_bwd_intra,
-    gqa_fwd_A_inter,
-    gqa_fwd_A_intra,
-    gqa_fwd_o,
-)
+from ops.gla.gqa_kernels import gqa_fwd_A_inter, gqa_fwd_A_intra, gqa_fwd_o
+from ops.gla.gqa_kernels_bwd import gqa_bwd_dA, gqa_bwd_dh, gqa_bwd_dv, gqa_bwd_inter, gqa_bwd_intra
 
 # the sub-chunk of the intra-chunk kernels (fla's BC) and the largest head dim the one-block
 # diagonal kernel holds (fla splits the K axis beyond it; we decline such calls instead)
