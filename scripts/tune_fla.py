@@ -6,7 +6,8 @@ On a GPU, with the installed Triton and fla-core:
     python3 scripts/tune_fla.py --collect-from DIR [DIR ...]   # store results a run already made
     python3 scripts/tune_fla.py --verify-only       # check the stored results hit
 
-Tuning runs ``ops.gla.gla`` forced onto fla (``SB_OP_BACKEND_GLA=fla_chunk``), forward and
+Tuning runs ``ops.gla.gla`` forced onto fla (``SB_OP_BACKEND_GLA=fla_chunk``) and, for grouped
+shapes, onto ``gqa_chunk`` (fla's state kernels plus ours, ``ops/gla/gqa.py``), forward and
 backward, once per distinct (batch, heads, head dim) of the GLA layers in ``--configs``, with
 packed documents (``cu_seqlens``) where the config masks documents (``--all-varlen``: everywhere
 too), in the dtypes the model uses (q, k, v bf16, log decay fp32). The model never passes an initial or final state to fla (sinks enter as an
@@ -98,14 +99,18 @@ def run_shape(shape: dict, seq: int, varlen: bool, device: str = "cuda") -> floa
 
 
 def run_all(shapes: list[dict], seq: int) -> list[dict]:
-    os.environ["SB_OP_BACKEND_GLA"] = "fla_chunk"  # fail loudly rather than tune nothing
     timings = []
     for shape in shapes:
-        seconds = run_shape(shape, seq, shape["varlen"])
-        timings.append({"batch": shape["batch"], "heads": shape["heads"], "varlen": shape["varlen"],
-                        "seconds": round(seconds, 2)})
-        print(f"  B={shape['batch']} H={shape['heads']}/{shape['kv_heads']} D={shape['dim']} "
-              f"varlen={shape['varlen']}: {seconds:.1f} s", flush=True)
+        # grouped shapes run gqa_chunk by default (ops/gla/gqa.py; its kernels cache their results
+        # like fla's); fla_chunk stays tuned as their fallback. Forced: fail loudly, never tune nothing.
+        backends = ["fla_chunk"] + (["gqa_chunk"] if shape["heads"] != shape["kv_heads"] else [])
+        for backend in backends:
+            os.environ["SB_OP_BACKEND_GLA"] = backend
+            seconds = run_shape(shape, seq, shape["varlen"])
+            timings.append({"batch": shape["batch"], "heads": shape["heads"], "varlen": shape["varlen"],
+                            "backend": backend, "seconds": round(seconds, 2)})
+            print(f"  {backend} B={shape['batch']} H={shape['heads']}/{shape['kv_heads']} D={shape['dim']} "
+                  f"varlen={shape['varlen']}: {seconds:.1f} s", flush=True)
     return timings
 
 

@@ -220,7 +220,8 @@ def test_dispatch_on_cpu_selects_torch_reference():
     args = (inputs["q"], inputs["k"], inputs["v"], inputs["g"])
     assert gla.registry.select(*args).name == "torch"
     assert gla.registry.select(*args, initial_state=inputs["initial_state"]).name == "torch"
-    assert [(b.name, b.kind) for b in gla.registry.backends] == [(BACKEND_NAME, "vendor"), ("torch", "torch")]
+    assert [(b.name, b.kind) for b in gla.registry.backends] == [("gqa_chunk", "triton"), (BACKEND_NAME, "vendor"),
+                                                                   ("torch", "torch")]
     ok, reason = fla_verifier(*args)
     assert not ok and "GPU" in reason
     o, _ = gla(*args)
@@ -266,7 +267,9 @@ GPU_TOLS = {torch.float32: (5e-3, {"dg": 1e-2}), torch.bfloat16: (2e-2, {"dg": 3
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
-def test_fla_matches_recurrent(case, dtype):
+def test_fla_matches_recurrent(case, dtype, monkeypatch):
+    # grouped calls dispatch to gqa_chunk (test_gla_gqa.py) by default: force fla's kernel here
+    monkeypatch.setenv("SB_OP_BACKEND_GLA", BACKEND_NAME)
     B, T, H, Hkv, K, V, bounds, h0, gate_div = case
     cu = None if bounds is None else torch.tensor(bounds, dtype=torch.long, device="cuda")
     n_states = None if bounds is None else len(bounds) - 1
@@ -283,8 +286,9 @@ def test_fla_matches_recurrent(case, dtype):
 
 
 @pytest.mark.gpu
-def test_fla_bf16_inputs_with_fp32_gate():
+def test_fla_bf16_inputs_with_fp32_gate(monkeypatch):
     # the model layer computes the log decay in fp32 and q, k, v in bf16
+    monkeypatch.setenv("SB_OP_BACKEND_GLA", BACKEND_NAME)
     inputs = make_inputs(1, 300, 8, 2, 64, 64, dtype=torch.bfloat16, device="cuda", n_states=3, gate_div=16.0)
     inputs["g"] = inputs["g"].float()
     cu = torch.tensor([0, 17, 128, 300], device="cuda")
