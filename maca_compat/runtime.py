@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from maca_compat.comm import apply_comm_env
 from maca_compat.overrides import check_megatron_version
@@ -19,13 +18,10 @@ def setup(platform: Platform) -> list[str]:
 
     Returns the names of the applied shim entries. Safe to call more than once.
     """
-    # mcore wraps several fusions in torch.compile; on a CPU the first compile of a hybrid
-    # layer costs ~15 s per process for no gain at test sizes.
-    if platform.vendor == "cpu" and os.environ.get("TORCH_COMPILE_DISABLE", "1") == "1":
-        import torch._dynamo
-
-        os.environ["TORCH_COMPILE_DISABLE"] = "1"
-        torch._dynamo.config.disable = True
+    # torch.compile stays as the user set it (TORCH_COMPILE_DISABLE), also on a CPU: of
+    # megatron-core's torch.compile'd fusions, sbtrain's config reaches only the router's
+    # _apply_expert_bias (the other fusions are off in megatron_config.py), traced in well
+    # under a second (tests/maca_compat/test_runtime.py).
     check_megatron_version()  # the patch and override lists name the reviewed version
     applied = apply_patches(vendor=platform.vendor)
     apply_comm_env(platform)
