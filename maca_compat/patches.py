@@ -234,6 +234,48 @@ def _skip_identity_sort(original: Any) -> Any:
     return sort_chunks_by_idxs
 
 
+def _buffer_layout_world_state(original: Any) -> Any:
+    """DistributedOptimizer.sharded_param_state_fully_reshardable with the gathered state laid
+    out like the gradient buffer: get_parameter_state_dp_zero concatenates the buckets without
+    their end padding, while this function slices that state at ``param_index_map``'s offsets,
+    which count the padding. With one bucket both agree; with several (overlapped reduction)
+    every parameter after the first bucket was saved with another parameter's state."""
+
+    @functools.wraps(original)
+    def sharded_param_state_fully_reshardable(self, *args, **kwargs):
+        gather = self.get_parameter_state_dp_zero
+
+        def gather_in_buffer_layout(*a, **kw):
+            return _pad_world_state(self.buffers, gather(*a, **kw))
+
+        self.get_parameter_state_dp_zero = gather_in_buffer_layout  # this call only
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del self.get_parameter_state_dp_zero
+
+    return sharded_param_state_fully_reshardable
+
+
+def _pad_world_state(buffers, state: dict | None) -> dict | None:
+    """Each bucket's slice of the unpadded world tensors moved to the bucket's buffer offset."""
+    if state is None:
+        return None
+    for gbuf_idx, buffer in enumerate(buffers):
+        for world in state[gbuf_idx].values():
+            for key, tensor in list(world.items()):
+                if not isinstance(tensor, torch.Tensor):
+                    continue  # numel_unpadded
+                padded = tensor.new_zeros(buffer.numel)
+                start = 0
+                for bucket in buffer.buckets:
+                    n = bucket.numel_unpadded
+                    padded[bucket.offset:bucket.offset + n] = tensor[start:start + n]
+                    start += n
+                world[key] = padded
+    return state
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         name="rng_tracker",
@@ -352,6 +394,18 @@ PATCHES: tuple[Patch, ...] = (
                        "DistributedOptimizer._set_main_param_and_optimizer_states",
                        _tolerate_missing_step),
         test="test_distopt_load_missing_step",
+    ),
+    Patch(
+        name="distopt_bucketed_state_save",
+        reason="Upstream bug: with more than one DDP bucket (parallel.overlap_grad_reduce) the "
+        "fully_reshardable optimizer save slices the bucket-unpadded gathered state at padded "
+        "offsets; every parameter after the first bucket is saved with shifted main params "
+        "and Adam moments (silently; a resume continues on another curve).",
+        platforms=ALL,
+        apply=_replace(_MC + "optimizer.distrib_optimizer",
+                       "DistributedOptimizer.sharded_param_state_fully_reshardable",
+                       _buffer_layout_world_state),
+        test="test_distopt_bucketed_state_save",
     ),
     Patch(
         name="platform_adam",

@@ -27,9 +27,22 @@ def setup_lines(cfg: RunConfig, state) -> list[str]:
         f"data: {_describe_data(cfg, state)}",
         f"batch: {t.global_batch_size} x {t.seq_length} tokens per step, "
         f"{t.train_iters} steps from step {state.start_step}",
+        f"data-parallel communication: {describe_dp_comm(state.model)}",
         state.tracker.describe_peak(),
     ]
     return lines
+
+
+def describe_dp_comm(ddp) -> str:
+    """How Megatron DDP reduces gradients and gathers parameters (``parallel.overlap_*``)."""
+    c = ddp.ddp_config
+    buckets = len(ddp.bucket_groups) + len(ddp.expert_parallel_bucket_groups)
+    overlapped = [name for name, on in (("gradient reduce with backward", c.overlap_grad_reduce),
+                                        ("parameter gather with forward", c.overlap_param_gather))
+                  if on]
+    if not overlapped:
+        return f"after backward, {buckets} bucket group(s), not overlapped"
+    return f"{' and '.join(overlapped)} overlapped, {buckets} bucket group(s)"
 
 
 def report_setup(cfg: RunConfig, state) -> None:

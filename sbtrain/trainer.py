@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ops.documents import segment_ids_from_tokens
+from parallel.param_gather import wait_for_params
 from sbtrain.checkpoint import checkpoint_dir
 from sbtrain.checkpoint_writer import CheckpointWriter
 from sbtrain.config import RunConfig, dump_config
@@ -31,7 +32,8 @@ def _forward_step(data_iterator, model, loss_chunk_tokens: int = 0):
     batch = next(data_iterator)
     extra = {}
     if loss_chunk_tokens:
-        extra["output_processor"] = partial(_chunked_loss, loss_chunk_tokens)
+        extra["output_processor"] = partial(_chunked_loss, loss_chunk_tokens,
+                                            wait=partial(wait_for_params, model))
     # Megatron's attention_mask argument carries the [b, s] segment ids of packed documents.
     output = model(batch["tokens"], batch["position_ids"], batch.get("segment_ids"),
                    labels=batch["labels"], **extra)
@@ -39,14 +41,18 @@ def _forward_step(data_iterator, model, loss_chunk_tokens: int = 0):
 
 
 def _chunked_loss(chunk_tokens: int, *, hidden_states, output_layer, output_weight, labels,
-                  **unused):
+                  wait=None, **unused):
     """GPTModel's output step as per-token losses from ``ops.loss`` (``train.loss_chunk_tokens``):
     the same numbers as its output layer + cross-entropy, without the whole logits (nor their
     fp32 copies). The weight is the output layer's, or the embedding's when tied (the gradient
-    then goes to the embedding, as in Megatron's path)."""
+    then goes to the embedding, as in Megatron's path). ``wait([weight])`` first finishes its
+    overlapped all-gather (``parallel.param_gather``): the output layer's forward, where DDP
+    would wait, is not called."""
     from ops.loss import linear_cross_entropy
 
     weight = output_weight if output_weight is not None else output_layer.weight
+    if wait is not None:
+        wait([weight])
     return linear_cross_entropy(hidden_states, weight, labels, chunk_tokens)
 
 
@@ -87,8 +93,8 @@ class Trainer:
         self.guard = StepGuard(t.max_skipped_steps, t.loss_spike_factor, self.state.model,
                                self.state.device)
         tconfig = get_model_config(self.state.model)
-        tconfig.finalize_model_grads_func = self._timed_grad_reduce(
-            self.guard.wrap_finalize(tconfig.finalize_model_grads_func))
+        tconfig.finalize_model_grads_func = self._timed_grad_reduce(self._finish_overlapped_reduce(
+            self.guard.wrap_finalize(tconfig.finalize_model_grads_func)))
         ck = self.cfg.checkpoint
         self.writer = CheckpointWriter(ck.save_dir, ck.keep_last, ck.async_save,
                                        ck.fully_parallel_save, self.state.groups.pg_collection.dp)
@@ -132,13 +138,45 @@ class Trainer:
             yield batch
 
     def _timed_grad_reduce(self, finalize):
-        """Charge Megatron's gradient finalization (the data-parallel reduction, not overlapped
-        with backward: overlap_grad_reduce is off) to grad_reduce."""
+        """Charge Megatron's gradient finalization to grad_reduce: the whole data-parallel
+        reduction, or with ``parallel.overlap_grad_reduce`` the wait for the buckets still in
+        flight when backward ends (the communication that was not hidden)."""
         def timed(*args, **kwargs):
             with self.state.tracker.section("grad_reduce", parent="forward_backward"):
                 return finalize(*args, **kwargs)
 
         return timed
+
+    def _finish_overlapped_reduce(self, finalize):
+        """With ``parallel.overlap_grad_reduce`` the buckets' reductions were issued during
+        backward and write into the gradient buffers: wait for them (``finish_grad_sync``, a
+        no-op when finalize calls it again) before the guard reads the buffers. The guard then
+        sees the reduced shards, so a NaN is also reported by the rank whose shard it reached."""
+        model = self.state.model
+        if not model.ddp_config.overlap_grad_reduce:
+            return finalize
+
+        def finish_then_finalize(*args, **kwargs):
+            model.finish_grad_sync(force_all_reduce=kwargs.get("force_all_reduce", False))
+            return finalize(*args, **kwargs)
+
+        return finish_then_finalize
+
+    @contextlib.contextmanager
+    def _params_gathered(self):
+        """With ``parallel.overlap_param_gather`` the last update reaches the other ranks'
+        copies only during the next forward (per module): a save or an evaluation first
+        gathers every bucket and runs without the per-module waits, as Megatron's own training
+        loop does; the waits are re-armed after."""
+        model = self.state.model
+        if not model.ddp_config.overlap_param_gather:
+            yield
+            return
+        model.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            model.enable_forward_pre_hook()
 
     def _run_schedule(self, step: int, split: str, forward_only: bool) -> float:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -229,7 +267,7 @@ class Trainer:
         s = self.state
         s.model.eval()
         total = 0.0
-        with torch.no_grad():
+        with torch.no_grad(), self._params_gathered():
             for i in range(self.cfg.train.eval_iters):
                 total += self._run_schedule(step * self.cfg.train.eval_iters + i, "valid",
                                             forward_only=True)
@@ -332,7 +370,8 @@ class Trainer:
         the seconds training was blocked."""
         s = self.state
         blocked = self._finalize_saves(blocking=True)  # one save in flight at a time
-        blocked += self.writer.save(step, s.model, s.optimizer, s.scheduler)
+        with self._params_gathered():
+            blocked += self.writer.save(step, s.model, s.optimizer, s.scheduler)
         if self.writer.pending:
             self._say(f"checkpoint step {step}: writing in the background (blocked "
                       f"{blocked:.2f} s)")

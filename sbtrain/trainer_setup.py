@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from parallel.param_gather import install_param_gather_waits
 from sbtrain.config import RunConfig, validate
 from sbtrain.errors import CheckpointNotFound
 from sbtrain.profiler.recompute import resolve_recompute
@@ -107,14 +108,26 @@ def _build_wrapped_model(cfg: RunConfig, groups, dtype: torch.dtype, device: tor
                              cfg.model.num_layers)
     if dtype == torch.bfloat16:
         model = Float16Module(tconfig, model)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        use_distributed_optimizer=cfg.optim.distributed_optimizer,
-        overlap_grad_reduce=False,
-    )
-    ddp = DistributedDataParallel(tconfig, ddp_config, module=model,
-                                  pg_collection=groups.pg_collection)
+    ddp = DistributedDataParallel(tconfig, DistributedDataParallelConfig(**ddp_options(cfg, device)),
+                                  module=model, pg_collection=groups.pg_collection)
+    install_param_gather_waits(ddp)
     return ddp, tconfig
+
+
+def ddp_options(cfg: RunConfig, device: torch.device) -> dict:
+    """Megatron DDP's options for this run: fp32 gradient reduction, the distributed optimizer,
+    and the bucketed overlap of the gradient reduce-scatter with backward and of the parameter
+    all-gather with the next forward (``parallel.overlap_*``, ``auto`` = on GPUs)."""
+    p, on_gpu = cfg.parallel, device.type != "cpu"
+    distributed = cfg.optim.distributed_optimizer
+    return {
+        "grad_reduce_in_fp32": True,
+        "use_distributed_optimizer": distributed,
+        "overlap_grad_reduce": p.resolved_overlap("overlap_grad_reduce", on_gpu),
+        # the gather sends the distributed optimizer's updated shards: nothing to gather without
+        "overlap_param_gather": distributed and p.resolved_overlap("overlap_param_gather", on_gpu),
+        "bucket_size": p.bucket_size or None,
+    }
 
 
 def _build_optimizer(cfg: RunConfig, model, groups, dtype: torch.dtype):
@@ -127,6 +140,7 @@ def _build_optimizer(cfg: RunConfig, model, groups, dtype: torch.dtype):
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
         clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
         use_distributed_optimizer=o.distributed_optimizer,
+        overlap_param_gather=model.ddp_config.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(oconfig, [model], use_gloo_process_groups=False,
                                        pg_collection=groups.pg_collection)

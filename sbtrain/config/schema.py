@@ -197,6 +197,17 @@ class ParallelConfig:
     timeout_minutes: float = 30.0
     """Process-group (collective) timeout; a collective waiting longer fails the run. Keep it
     above train.hang_timeout_minutes, so that the watchdog reports a hang (with stacks) first."""
+    overlap_grad_reduce: bool | str = "auto"
+    """Reduce(-scatter) the data-parallel gradients bucket by bucket while backward still runs
+    (Megatron DDP's overlap_grad_reduce) instead of all at once after it. ``auto``: on GPUs,
+    off on CPU (gloo gains nothing)."""
+    overlap_param_gather: bool | str = "auto"
+    """With the distributed optimizer: all-gather the updated parameters bucket by bucket
+    during the next forward (each module waits for its own bucket) instead of right after the
+    optimizer step. ``auto``: on GPUs when optim.distributed_optimizer, off on CPU."""
+    bucket_size: int = 0
+    """Elements per gradient / parameter bucket of the overlapped communication; 0: Megatron's
+    default, max(40M, 1M x dp). Ignored when neither overlap is on (one bucket)."""
 
     def __post_init__(self) -> None:
         for name in ("pp", "tp", "ep", "sp"):
@@ -206,9 +217,20 @@ class ParallelConfig:
             raise ConfigError("must be >= 0 (0 = infer from world size)", key="parallel.dp")
         if not self.timeout_minutes > 0:
             raise ConfigError("must be > 0", key="parallel.timeout_minutes")
+        for name in ("overlap_grad_reduce", "overlap_param_gather"):
+            if isinstance(getattr(self, name), str) and getattr(self, name) != "auto":
+                raise ConfigError(f"expected true, false or auto, got {getattr(self, name)!r}",
+                                  key=f"parallel.{name}")
+        check_at_least(self, "parallel", 0, ("bucket_size",))
 
     def resolved_dp(self, world_size: int) -> int:
         return self.dp or world_size // (self.pp * self.tp * self.sp)
+
+    def resolved_overlap(self, name: str, on_gpu: bool) -> bool:
+        """``overlap_grad_reduce`` / ``overlap_param_gather`` with ``auto`` resolved (the
+        distributed-optimizer condition of the param gather is checked by the caller)."""
+        value = getattr(self, name)
+        return on_gpu if value == "auto" else bool(value)
 
 
 RECOMPUTE_POLICIES = {

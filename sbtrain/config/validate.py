@@ -79,6 +79,9 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> None:
         # the two split the same sequence axis; their combination is not tested
         raise ConfigError("sp > 1 together with tensor-parallel sequence_parallel is not "
                           "supported yet", key="parallel.sequence_parallel")
+    if p.overlap_param_gather is True and not cfg.optim.distributed_optimizer:
+        # Megatron gathers parameters only from the distributed optimizer's shards
+        raise ConfigError("needs optim.distributed_optimizer: true", key="parallel.overlap_param_gather")
 
 
 def _check_pipeline_cuts(pattern: str, pp: int) -> None:

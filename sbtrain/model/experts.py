@@ -20,9 +20,10 @@ input its row-parallel (TP-summed) variant, exactly as the spiking linears do. W
 firing recorder is active the per-expert path runs instead, so each expert linear's spikes
 stay attributed to its own site.
 
-Caveat: Megatron DDP's ``overlap_param_gather`` waits for a module's parameters in that
-module's forward pre-hook, and the expert linears' forwards are not called here; sbtrain
-builds DDP without it (``trainer_setup``). Enabling it needs a wait for the experts' params.
+Megatron DDP's ``overlap_param_gather`` waits for a module's parameters in that module's
+forward pre-hook, and the expert linears' forwards are not called here:
+``uses_child_params_directly`` asks ``parallel.param_gather`` for a pre-hook on this module
+that waits for all of the experts' parameters.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from sbtrain.spiking import layers as spiking_layers
 
 class GroupedExperts(SequentialMLP):
     """SequentialMLP's parameters and checkpoint, grouped-GEMM forward (see module doc)."""
+
+    uses_child_params_directly = True
+    """The expert linears' weights are used without their forwards (parallel.param_gather)."""
 
     def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
                 permuted_probs: torch.Tensor):

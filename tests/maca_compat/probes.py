@@ -131,13 +131,15 @@ def lm_loss(model, batch: dict) -> torch.Tensor:
 
 
 def build_ddp_optimizer(groups, tconfig, model, lr: float = 1e-3, weight_decay: float = 0.0,
-                        distributed: bool = True, bf16: bool = False):
-    """Megatron DDP + Adam (distributed by default), configured like sbtrain.trainer_setup."""
+                        distributed: bool = True, bf16: bool = False, **ddp_options):
+    """Megatron DDP + Adam (distributed by default), configured like sbtrain.trainer_setup
+    (``ddp_options``: e.g. overlap_grad_reduce, bucket_size)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed, overlap_grad_reduce=False
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed,
+        **{"overlap_grad_reduce": False, **ddp_options}
     )
     ddp = DistributedDataParallel(tconfig, ddp_config, module=model,
                                   pg_collection=groups.pg_collection)
@@ -463,6 +465,43 @@ def probe_checkpoint(args) -> dict:
     return out
 
 
+def probe_bucketed_checkpoint(args) -> dict:
+    """Save and load the distributed optimizer (fully_reshardable) of a DDP with several
+    buckets (overlap_grad_reduce, 1000-element buckets, each padded at its end), world 1."""
+    from sbtrain.checkpoint import load_checkpoint, save_checkpoint
+
+    groups = init_groups()
+    seed_all()
+    batch = make_batch(0)
+
+    def fresh(init_seed: int):
+        model, tconfig = build_gpt(groups, init_seed=init_seed)
+        ddp, optimizer = build_ddp_optimizer(groups, tconfig, model, overlap_grad_reduce=True,
+                                             bucket_size=1000)
+        return model, ddp, optimizer, make_scheduler(optimizer)
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model, ddp, opt, sched = fresh(SEED)
+        out["buckets"] = len(ddp.bucket_groups)
+        train_step(ddp, opt, batch)
+        sched.step(increment=1)
+        saved_states = [{k: v.clone() for k, v in s.items()} for s in torch_adam_states(opt)]
+        save_checkpoint(tmp, 1, ddp, opt, sched)
+        model2, ddp2, opt2, sched2 = fresh(SEED + 1)
+        load_checkpoint(tmp, ddp2, opt2, sched2)
+        states2 = torch_adam_states(opt2)
+        out["adam_state_equal"] = len(states2) == len(saved_states) and all(
+            torch.equal(a[k], b[k])
+            for a, b in zip(states2, saved_states) for k in ("exp_avg", "exp_avg_sq"))
+        loss_cont, _ = train_step(ddp, opt, batch)
+        loss_resumed, _ = train_step(ddp2, opt2, batch)
+        out["loss_continued"], out["loss_resumed"] = loss_cont, loss_resumed
+        out["params_equal_after_step"] = all(
+            torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    return out
+
+
 # Imported before the revert probe's snapshot, so that applying the patches imports nothing new.
 PRE_IMPORT = (
     "megatron.core.models.gpt.gpt_model",
@@ -642,6 +681,7 @@ PROBES = {
     "pipeline_schedules": probe_pipeline_schedules,
     "ddp_and_optimizer": probe_ddp_and_optimizer,
     "checkpoint": probe_checkpoint,
+    "bucketed_checkpoint": probe_bucketed_checkpoint,
     "revert_identity": probe_revert_identity,
     "import_is_inert": probe_import_is_inert,
     "fused_optim": _in_optim_probes("probe_fused_optim"),

@@ -47,6 +47,7 @@ PROBE_NPROC = {
     "pipeline_schedules": 1,
     "ddp_and_optimizer": 1,
     "checkpoint": 1,
+    "bucketed_checkpoint": 1,
     "revert_identity": 1,
     "import_is_inert": 1,
     "fused_optim": 1,
@@ -63,6 +64,7 @@ TEST_PROBE = {
     "test_ddp_and_optimizer": "ddp_and_optimizer",
     "test_dist_checkpointing": "checkpoint",
     "test_distopt_load_missing_step": "checkpoint",
+    "test_distopt_bucketed_state_save": "bucketed_checkpoint",
     "test_platform_adam": "fused_optim",
     "test_foreach_grad_norm_and_scale": "fused_optim",
     "test_grad_accum_fusion": "wgrad_fusion",
@@ -95,10 +97,11 @@ STOCK_FAILURES = {
         "RuntimeError: ColumnParallelLinear was called with gradient_accumulation_fusion set",
         ("tensor_parallel/layers.py", "__init__")),
 }
-# Entries for speed: stock code works without them. Their tests show the stock behaviour the
-# entry replaces (with the entry reverted) and equal numbers with it applied.
+# Entries for speed, or against silently wrong numbers: stock code runs without them. Their
+# tests show the stock behaviour the entry replaces (with the entry reverted) and the right
+# numbers with it applied.
 STOCK_BEHAVIOUR = ("platform_adam", "foreach_grad_norm", "foreach_multi_tensor_scale",
-                   "moe_ep1_counts_on_device")
+                   "moe_ep1_counts_on_device", "distopt_bucketed_state_save")
 
 # Entries made of several rebindings: undoing one part (with the entry otherwise applied)
 # shows that part is needed too. entry -> [(MODULE:ATTR, stock error, raising frame)].
@@ -519,6 +522,20 @@ def test_distopt_load_missing_step(probes: ProbeRunner, entry: str):
     r = probes.get("checkpoint").result
     assert r["loaded_step"] == 1 and r["weights_equal"] and r["adam_state_equal"]
     assert r["steps_after_one_step"] == [2.0] * r["num_adam_states"]
+
+
+@pytest.mark.parametrize("entry", entries_for("test_distopt_bucketed_state_save"))
+def test_distopt_bucketed_state_save(probes: ProbeRunner, entry: str):
+    """Several DDP buckets (overlapped reduction): stock saves shifted optimizer state, the
+    resumed run leaves the uninterrupted one; with the entry the resume is exact."""
+    stock = probes.get("bucketed_checkpoint", without=entry).result
+    r = probes.get("bucketed_checkpoint").result
+    assert r["buckets"] == stock["buckets"] > 1
+    assert not stock["adam_state_equal"] and not stock["params_equal_after_step"], stock
+    # the shifted main params overwrite the loaded weights: even the first resumed loss differs
+    assert stock["loss_resumed"] != stock["loss_continued"], stock
+    assert r["adam_state_equal"] and r["params_equal_after_step"], r
+    assert r["loss_resumed"] == r["loss_continued"] and math.isfinite(r["loss_resumed"])
 
 
 @pytest.mark.parametrize("entry", entries_for("test_platform_adam"))

@@ -65,6 +65,22 @@ LAYOUTS = {
 }
 
 
+# Megatron's bucketed overlap of the data-parallel reduce-scatter with backward and of the
+# parameter all-gather with the next forward (parallel.overlap_*, on by default on GPUs only),
+# with buckets of 3000 elements so that the tiny models have several buckets (a bucket whose
+# gather nobody waits for would keep stale shards): the 7B hybrid under DP2 with the chunked
+# loss (its output weight is used outside the output layer's forward), the 76B under DP2xEP2
+# (grouped experts: their linears' forwards are never called) with an evaluation and a
+# resume in between (both gather every bucket first).
+OVERLAP = {"parallel.overlap_grad_reduce": True, "parallel.overlap_param_gather": True,
+           "parallel.bucket_size": 3000}
+OVERLAP_RUNS = {
+    "7b.dp2_overlap": (2, {**HYBRID, **OVERLAP, "train.loss_chunk_tokens": 5}),
+    "76b.ep2_overlap": (2, {**SHAPE_76B, **OVERLAP, "parallel.ep": 2,
+                           "train.eval_interval": 2, "train.eval_iters": 1}),
+}
+
+
 def _resume(name: str, nproc: int, common: dict, first: dict, second: dict) -> dict:
     """An uninterrupted 4-step run and the same run stopped after step 2 then resumed
     (``<name>.full``, ``<name>.a``, ``<name>.b``), all on ``nproc`` ranks."""
@@ -81,6 +97,10 @@ RESUMES = {
     **_resume("resume_76b_sp2", 2, {**SHAPE_76B, "parallel.sp": 2}, {}, {}),
     **{k: v for k, v in _resume("reshard_dp2_pp2", 2, {}, {}, {"parallel.pp": 2}).items()
        if not k.endswith(".full")},
+    # overlapped, stopped and resumed == resume_76b_ep2.full (not overlapped, uninterrupted)
+    **{k: v for k, v in _resume("resume_76b_ep2_overlap", 2,
+                                {**SHAPE_76B, **OVERLAP, "parallel.ep": 2}, {}, {}).items()
+       if not k.endswith(".full")},
 }
 
 
@@ -92,6 +112,6 @@ def plan() -> dict[int, dict[str, dict]]:
     groups[1]["steps"] = STEPS
     for (shape, layout), (nproc, overrides) in LAYOUTS.items():
         groups[nproc][f"{shape}.{layout}"] = {**SHAPES[shape], **overrides}
-    for name, (nproc, overrides) in RESUMES.items():
+    for name, (nproc, overrides) in {**OVERLAP_RUNS, **RESUMES}.items():
         groups[nproc][name] = overrides
     return groups
