@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from maca_compat.comm import apply_comm_env
+from maca_compat.comm import apply_comm_env, is_multi_node
 from maca_compat.overrides import check_megatron_version
 from maca_compat.patches import apply_patches
 from maca_compat.platform import Platform
@@ -24,7 +24,8 @@ def setup(platform: Platform) -> list[str]:
     # under a second (tests/maca_compat/test_runtime.py).
     check_megatron_version()  # the patch and override lists name the reviewed version
     applied = apply_patches(vendor=platform.vendor)
-    apply_comm_env(platform)
+    # before any process group: NCCL/MCCL read these when the first communicator is built
+    apply_comm_env(platform, multi_node=is_multi_node())
     device = "" if platform.device_name == "none" else f" ({platform.device_name})"
     logger.info("platform %s%s: %d megatron-core shims applied (maca_compat/patches.py)",
                 platform.vendor, device, len(applied))

@@ -115,7 +115,7 @@ def test_setup_checks_the_version(monkeypatch, caplog):
 
     monkeypatch.setattr(overrides, "installed_megatron_version", lambda: "0.20.0")
     monkeypatch.setattr(runtime, "apply_patches", lambda vendor: [])
-    monkeypatch.setattr(runtime, "apply_comm_env", lambda platform: None)
+    monkeypatch.setattr(runtime, "apply_comm_env", lambda platform, **kw: None)
     with caplog.at_level(logging.WARNING, logger="sbtrain.maca_compat"):
         runtime.setup(get_platform())
     assert "megatron-core 0.20.0 is installed" in caplog.text
