@@ -73,3 +73,19 @@ def one_process_curve(tmp_path_factory, planned):
         return cache[key]
 
     return curve
+
+
+@pytest.fixture
+def cuda_platform(monkeypatch):
+    """In-process GPU tests: the platform is the GPU, not the suite's ``SB_PLATFORM=cpu`` default
+    (under it, tensors the model makes on the platform's device land on the CPU beside CUDA
+    weights). Megatron's gradient-accumulation fusion stays off: it writes weight gradients into
+    ``main_grad``, which only the DDP wrapper of a training run provides."""
+    import sbtrain.model.megatron_config as megatron_config
+    from maca_compat.platform import get_platform
+
+    monkeypatch.setenv("SB_PLATFORM", "cuda")
+    monkeypatch.setattr(megatron_config, "grad_accum_fusion_enabled", lambda platform: False)
+    get_platform.cache_clear()
+    yield get_platform()
+    get_platform.cache_clear()

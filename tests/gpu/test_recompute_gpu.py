@@ -16,7 +16,7 @@ from sbtrain.convert.session import one_process_model
 from sbtrain.profiler.memory import activation_bytes_per_token
 from tests.model.test_hybrid_model import random_model
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_platform")]
 SEQ = 2048
 POLICIES = ("none", "selective", "full")
 

@@ -10,7 +10,6 @@ import torch
 import yaml
 
 import ops.loss
-import sbtrain.model.megatron_config as megatron_config
 from sbtrain.config import ConfigError, load_config, validate
 from sbtrain.config.schema import LOSS_CHUNK_AUTO_TOKENS, TrainConfig
 from sbtrain.convert.session import one_process_model
@@ -84,11 +83,9 @@ def test_chunked_loss_hook_matches_megatron(untie, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("untie", [True, False], ids=["untied", "tied"])
-def test_chunked_loss_hook_matches_megatron_on_gpu(untie, dtype, monkeypatch):
-    # on the GPU the hook runs the Triton backend. Megatron's gradient-accumulation fusion (on
-    # for CUDA) writes its linears' weight gradients into main_grad, which only DDP provides:
-    # off here, so both paths leave every gradient in .grad
-    monkeypatch.setattr(megatron_config, "grad_accum_fusion_enabled", lambda platform: False)
+def test_chunked_loss_hook_matches_megatron_on_gpu(untie, dtype, monkeypatch, cuda_platform):
+    # on the GPU the hook runs the Triton backend; cuda_platform keeps Megatron's
+    # gradient-accumulation fusion off, so both paths leave every gradient in .grad
     compare_with_megatron(untie, dtype, "cuda", monkeypatch)
 
 
