@@ -4,7 +4,7 @@ Usage:
     python3 bench/bench_attention.py [--lengths 4096 16384 65536] [--tokens 65536] [--heads 28]
         [--kv-heads 4] [--dim 128] [--window 4096] [--dtype bf16] [--warmup 3] [--iters 10] [--sinks 128]
 
-``--sinks S`` adds sink-token attention (``ops.attention.sinks``, SpikingBrain-76B) with S sinks:
+``--sinks S`` adds sink-token attention (``ops.attention.attention(..., sinks=S)``, SpikingBrain-76B) with S sinks:
 the ``flex`` backend with the window and full causal, and the ``lse_merge`` backend with the
 window. Only the regular output is back-propagated (the kernels still compute the sink rows).
 
@@ -29,9 +29,34 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ops.attention.flex_backend import flex_softmax_attention  # noqa: E402
-from ops.attention.sdpa_backend import sdpa_causal_attention  # noqa: E402
-from ops.attention.sinks import flex_sink_attention, lse_merge_sink_attention  # noqa: E402
+from ops.attention.flex import flex_attention_backend  # noqa: E402
+from ops.attention.lse_merge import lse_merge_attention  # noqa: E402
+from ops.attention.sdpa import sdpa_attention  # noqa: E402
+
+
+
+def flex_softmax_attention(q, k, v, window=None):
+    return flex_attention_backend(q, k, v, window=window)
+
+
+def sdpa_causal_attention(q, k, v, window=None):
+    return sdpa_attention(q, k, v, window=window)
+
+
+def with_sinks(backend):
+    """(q, k, v, q_sink, k_sink, v_sink, window) -> (out, out_sink) through ``backend`` with [sinks; tokens]."""
+
+    def call(q, k, v, q_sink, k_sink, v_sink, window=None):
+        S = q_sink.shape[2]
+        out = backend(*(torch.cat([s, t], dim=2) for s, t in zip((q_sink, k_sink, v_sink), (q, k, v))),
+                      window=window, sinks=S)
+        return out[:, :, S:], out[:, :, :S]
+
+    return call
+
+
+flex_sink_attention = with_sinks(flex_attention_backend)
+lse_merge_sink_attention = with_sinks(lse_merge_attention)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -5,8 +5,9 @@ Each rank of the sequence-parallel group (Megatron's context-parallel group, bui
 micro-batch its data-parallel rank reads: rank r keeps tokens ``[r T/P, (r + 1) T/P)``.
 Contiguous slices (not Megatron's load-balanced two-chunk split) are what the linear
 attention's state passing needs: a slice's incoming state is the state after the slice
-before it. The mixers exchange what crosses slices (``parallel.sequence_gla`` and
-``parallel.sequence_attention``); everything else in a layer is per token.
+before it. The mixers pass an ``ops.comm.SPContext`` to the ops (``sp=``), which exchange
+what crosses slices (``ops.gla.sequence_parallel``, ``ops.attention.sequence_parallel``);
+everything else in a layer is per token.
 
 What stays right under the split:
 
@@ -25,15 +26,18 @@ from __future__ import annotations
 
 import torch
 
+from ops.comm import SPContext
+
 # The per-token entries of a micro-batch that are split along the sequence.
 SLICED_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
 
 
-def sequence_parallel_group(pg_collection):
-    """The group sequences are split over (Megatron's context-parallel group), or None when
-    sequences are whole (sp 1): what the mixers branch on."""
-    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-    return group if group is not None and group.size() > 1 else None
+def sp_context(pg_collection) -> SPContext | None:
+    """The SP context of the group sequences are split over (``parallel.sp``; Megatron's
+    context-parallel group ``pg_collection.cp``), or None when sequences are whole (sp 1):
+    what the mixers pass to the ops as ``sp=``."""
+    sp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+    return SPContext(sp_group) if sp_group is not None and sp_group.size() > 1 else None
 
 
 def slice_bounds(seq_length: int, rank: int, size: int) -> tuple[int, int]:

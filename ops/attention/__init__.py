@@ -1,28 +1,27 @@
-"""Causal softmax attention with an optional sliding window and document masking.
+"""Softmax attention: one op, ``attention``, for every mask sbtrain trains with.
 
-``softmax_attention(q, k, v, window=None, segment_ids=None, scale=None)`` dispatches, per
-call, to the fastest backend that accepts it (``ops.backends``):
+Shapes (the layout of SDPA and flex_attention; GQA: query head h reads kv head h // (H // Hkv))::
 
-* ``sdpa_causal`` (vendor): torch SDPA with ``is_causal=True``, the flash kernel. CUDA only;
-  plain causal calls only (no ``segment_ids``, window None or >= T - 1).
-* ``flex`` (triton): ``flex_attention`` compiled on first use, with a block-sparse mask for
-  the window and the documents. CUDA only.
-* ``torch``: :func:`reference_attention`, an explicit masked softmax in fp32.
+    B  batch                      H, Hkv  query heads, key/value heads (H % Hkv == 0)
+    D  head dim                   S       sink tokens (the first S rows of q and of k, v)
+    Tq, Tk  regular (non-sink) queries / keys; Lq = S + Tq, Lk = S + Tk (Tq == Tk without positions)
+    q [B, H, Lq, D]   k, v [B, Hkv, Lk, D]   out [B, H, Lq, D]   documents [B, Tq]
 
-``sink_attention(q, k, v, q_sink, k_sink, v_sink, ...)`` (``ops.attention.sinks``) is the same
-attention with S sink tokens ("meta tokens", SpikingBrain-76B) that every token sees; it
-returns ``(out, out_sink)`` and has its own backends (``flex``, ``lse_merge``, ``torch``).
+``attention(q, k, v, *, window=None, documents=None, sinks=0, positions=None, sp=None, scale=None)``:
+query i sees key j iff j is a sink, or j is at or before i, at most ``window`` positions back
+(a window of 4096 keeps the token itself and the 4096 before it, as flash-attn's
+``window_size=(4096, 0)``) and in the same document (``documents``: integer ids of the regular
+tokens). Sinks ("meta tokens", SpikingBrain-76B) see each other only, all of them. The window
+counts regular tokens; documents split regular tokens only.
 
-``positioned_attention(q, k, v, q_pos, k_pos, *, window, q_segments, k_segments, k_valid,
-k_always, scale)`` (``ops.attention.positioned``) is the same attention between queries and keys
-at explicit global positions, as a sequence-parallel rank holds them (keys gathered from earlier
-ranks, padding slots, sinks); backends ``flex`` and ``torch``.
+``positions`` (``masks.Positions``) places the regular queries and keys at explicit global
+positions, with padding slots and the keys' own document ids: a sequence-parallel rank's
+slice against keys gathered from earlier ranks. ``sp`` (``ops.comm.SPContext``): the
+sequences are split over an SP group and the regular rows are this rank's slice
+(``sequence_parallel.py`` exchanges the keys and calls the same op with positions).
 
-Layout [B, H, T, D] for q and [B, Hkv, T, D] for k, v (GQA: query head h reads kv head
-``h // (H // Hkv)``). Query i attends key j iff ``j <= i``, ``i - j <= window`` (when given)
-and ``segment_ids[b, i] == segment_ids[b, j]`` (when given): a window of 4096 keeps the
-token itself and the 4096 before it, as flash-attn's ``window_size=(4096, 0)``.
-
+On one process the call dispatches (``local.py``, registry ``attention``) to SDPA flash,
+flex_attention or the explicit-mask reference (``naive.py``); ``masks.py`` holds the rule.
 Importing this package registers the backends; nothing is compiled and triton is not
 imported until a fast backend runs.
 """
@@ -31,67 +30,51 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ops.attention.flex_backend import flex_available, flex_softmax_attention, verify_flex
-from ops.attention.positioned import POSITIONED_OP_NAME, positioned_attention, reference_positioned_attention
-from ops.attention.reference import attention_mask, reference_attention
-from ops.attention.sdpa_backend import sdpa_causal_attention, verify_sdpa_causal
-from ops.attention.sinks import (
-    SINK_OP_NAME,
-    merge_attention,
-    reference_sink_attention,
-    sink_attention,
-    sink_attention_mask,
-)
-from ops.backends import Backend, dispatch
-
-OP_NAME = "softmax_attention"
+from ops.attention.local import OP_NAME, local_attention
+from ops.attention.lse_merge import merge_attention
+from ops.attention.masks import Positions, dense_mask, mask_layout
+from ops.attention.naive import naive_attention
+from ops.attention.sequence_parallel import sp_attention
+from ops.comm import SPContext
 
 
-@dispatch(OP_NAME)
-def softmax_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    window: int | None = None,
-    segment_ids: Tensor | None = None,
-    scale: float | None = None,
-) -> Tensor:
-    """Causal softmax attention (torch reference; the entry point dispatches).
+def attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None, documents: Tensor | None = None,
+              sinks: int = 0, positions: Positions | None = None, sp: SPContext | None = None,
+              scale: float | None = None) -> Tensor:
+    """Causal softmax attention (see the module docstring for the rule and the shapes).
 
     Args:
-        q: [B, H, T, D] queries.
-        k, v: [B, Hkv, T, D] keys and values, H % Hkv == 0.
-        window: number of previous tokens each query sees besides itself; None: unlimited.
-        segment_ids: [B, T] integer document ids of packed sequences; None: one document.
+        q: [B, H, Lq, D] queries; the first ``sinks`` rows are sink tokens.
+        k, v: [B, Hkv, Lk, D] keys and values; the first ``sinks`` rows are sink tokens.
+        window: previous positions each query sees besides its own; None: unlimited.
+        documents: [B, Tq] integer document ids of the regular tokens; None: one document.
+        sinks: number of sink tokens S.
+        positions: explicit global positions of the regular queries and keys; None: the indices.
+        sp: the SP context when the regular rows are this rank's slice of split sequences.
         scale: score multiplier; defaults to ``D ** -0.5``.
 
     Returns:
-        [B, H, T, D] in ``q``'s dtype.
+        [B, H, Lq, D] in ``q``'s dtype.
     """
-    return reference_attention(q, k, v, window, segment_ids, scale)
+    if sp is not None:
+        if positions is not None:
+            raise ValueError("attention takes sp or positions, not both (sp builds the positions)")
+        return sp_attention(q, k, v, window=window, documents=documents, sinks=sinks, scale=scale, sp=sp)
+    return local_attention(q, k, v, window=window, documents=documents, sinks=sinks, positions=positions,
+                           scale=scale)
 
 
-# torch's flash SDPA kernel is a CUDA library kernel (not verified on MetaX's mcPyTorch): on
-# platform maca the Triton flex backend serves these calls.
-softmax_attention.registry.register(  # type: ignore[attr-defined]
-    Backend(name="sdpa_causal", fn=sdpa_causal_attention, kind="vendor", verifier=verify_sdpa_causal,
-            platforms=("cuda",))
-)
-softmax_attention.registry.register(  # type: ignore[attr-defined]
-    Backend(name="flex", fn=flex_softmax_attention, kind="triton", available=flex_available, verifier=verify_flex)
-)
+attention.registry = local_attention.registry  # type: ignore[attr-defined]
 
-__all__ = [
-    "OP_NAME",
-    "POSITIONED_OP_NAME",
-    "SINK_OP_NAME",
-    "attention_mask",
-    "merge_attention",
-    "positioned_attention",
-    "reference_attention",
-    "reference_positioned_attention",
-    "reference_sink_attention",
-    "sink_attention",
-    "sink_attention_mask",
-    "softmax_attention",
-]
+
+def attention_mask(L: int, *, window: int | None = None, documents: Tensor | None = None, sinks: int = 0,
+                   device=None) -> Tensor:
+    """[Bm, L, L] bool mask of a call without positions (True = seen): the reference's mask."""
+    if device is None and documents is not None:
+        device = documents.device
+    return dense_mask(mask_layout(L, L, window=window, documents=documents, sinks=sinks, positions=None,
+                                  device=device or "cpu"))
+
+
+__all__ = ["OP_NAME", "Positions", "SPContext", "attention", "attention_mask", "merge_attention",
+           "naive_attention"]

@@ -24,10 +24,11 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
-from ops.documents import cu_seqlens_from_segments
+from ops.comm import SPContext
+from ops.gla import gla
 from ops.gla_gate import gate_log_decay
 from ops.rmsnorm import head_rms_norm as fused_head_rms_norm
-from parallel.sequence import sequence_parallel_group
+from parallel.sequence import sp_context
 
 FEATURE_MAPS = {"relu": F.relu, "sigmoid": torch.sigmoid}
 
@@ -80,7 +81,7 @@ class GatedLinearAttention(MegatronModule):
         self.gate_normalizer = gate_normalizer
         self.feature_map = FEATURE_MAPS[feature_map]
         self.tp_group = tp_group
-        self.sp_group = sequence_parallel_group(pg_collection)
+        self.sp = sp_context(pg_collection)
         self.sink_tokens = sink_tokens
         # Spiking: the gate's down-projection sees the spiked input, as linear_qkv does.
         self.input_neuron = input_neuron
@@ -134,7 +135,7 @@ class GatedLinearAttention(MegatronModule):
     def mix(self, q, k, v, log_decay, segment_ids: torch.Tensor | None) -> torch.Tensor:
         """The gated recurrence (ops.gla); packed documents restart the state per segment."""
         return linear_attention(q, k, v, log_decay, segment_ids, self.head_dim ** -0.5,
-                                self.sink_tokens, self.sp_group)
+                                self.sink_tokens, self.sp)
 
     def output_norm(self, out: torch.Tensor) -> torch.Tensor:
         return head_rms_norm(out, self.g_norm_weight, self.norm_eps, self.tp_group)
@@ -161,59 +162,17 @@ def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
 
 
 def linear_attention(q, k, v, log_decay, segment_ids: torch.Tensor | None, scale: float,
-                     sink_tokens: int = 0, sp_group=None) -> torch.Tensor:
-    """ops.gla over [b, s, heads, d] inputs whose first ``sink_tokens`` positions are sinks.
+                     sink_tokens: int = 0, sp: SPContext | None = None) -> torch.Tensor:
+    """``ops.gla.gla`` over [b, s, heads, d] inputs whose first ``sink_tokens`` positions are sinks.
 
     Without sinks every row (or every document of ``segment_ids``, [b, s - sink_tokens])
     starts from a zero state. With sinks, the sinks run the recurrence first and the state
     they leave is the initial state of every row and every document: a learned prefix that
     no document boundary erases (the report leaves sinks in linear attention open).
-
-    ``sp_group`` (size > 1): the regular positions are this rank's slice of sequences split
-    over the group (``parallel.sequence_gla.sp_gla``); every rank holds the same sinks.
+    ``sp``: the regular positions are this rank's slice of sequences split over an SP group.
     """
-    from ops.gla import gla, initial_state_output
-
-    if sp_group is not None and sp_group.size() > 1:
-        return _sequence_parallel_linear_attention(q, k, v, log_decay, segment_ids, scale,
-                                                   sink_tokens, sp_group)
-    if sink_tokens:
-        # The S sink positions run in plain torch (S = 128: cheap), and their state enters the
-        # regular tokens as an additive term (``initial_state_output``), so the fused kernel runs
-        # without initial or final states: fla 0.6 fails to compile some of its state-passing
-        # autotune configs at head dim 128 (Triton PassManager error on an H100).
-        from ops.gla import gla_chunked_reference
-
-        head = [t[:, :sink_tokens] for t in (q, k, v, log_decay)]
-        out_sinks, state = gla_chunked_reference(*head, scale=scale, output_final_state=True)
-        q, k, v, log_decay = (t[:, sink_tokens:] for t in (q, k, v, log_decay))
-    if segment_ids is None:
-        out, _ = gla(q, k, v, log_decay, scale=scale)
-    else:
-        batch, seq = q.shape[:2]
-        cu_seqlens = cu_seqlens_from_segments(segment_ids)
-        flat = [t.reshape(1, batch * seq, *t.shape[2:]) for t in (q, k, v, log_decay)]
-        out, _ = gla(*flat, scale=scale, cu_seqlens=cu_seqlens)
-        out = out.reshape(batch, seq, *out.shape[2:])
-    if not sink_tokens:
-        return out
-    out = out + initial_state_output(q, log_decay, state, scale, segment_ids).to(out.dtype)
-    return torch.cat([out_sinks.to(out.dtype), out], dim=1)
-
-
-def _sequence_parallel_linear_attention(q, k, v, log_decay, segment_ids, scale: float,
-                                        sink_tokens: int, sp_group) -> torch.Tensor:
-    from ops.gla import gla_chunked_reference
-    from parallel.sequence_gla import sp_gla
-
-    if not sink_tokens:
-        return sp_gla(q, k, v, log_decay, scale, sp_group, segment_ids)
-    # every rank runs the (identical) sink prefix itself: no communication for the sinks
-    head = [t[:, :sink_tokens] for t in (q, k, v, log_decay)]
-    out_sinks, state = gla_chunked_reference(*head, scale=scale, output_final_state=True)
-    regular = [t[:, sink_tokens:] for t in (q, k, v, log_decay)]
-    out = sp_gla(*regular, scale, sp_group, segment_ids, initial_state=state)
-    return torch.cat([out_sinks.to(out.dtype), out], dim=1)
+    out, _ = gla(q, k, v, log_decay, scale=scale, documents=segment_ids, sinks=sink_tokens, sp=sp)
+    return out
 
 
 def head_rms_norm(out: torch.Tensor, weight: torch.Tensor, eps: float, tp_group) -> torch.Tensor:

@@ -17,7 +17,7 @@ reading is the default because it is the one whose parameter count matches "76B-
 (docs/76b.md §2: 76.06 B / 11.89 B shared vs 76.88 B / 12.72 B separate).
 
 Sink tokens (``sink_tokens`` > 0, set model-wide, see ``sbtrain.model.sinks``) are the first
-positions of the hidden states: the softmax branch uses ``ops.attention.sink_attention``, the
+positions of the hidden states: the softmax branch uses ``ops.attention.attention``, the
 linear branch runs them as a prefix whose final state starts every row and document.
 """
 
@@ -27,7 +27,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from ops.gla_gate import gate_log_decay
-from parallel.sequence import sequence_parallel_group
+from parallel.sequence import sp_context
 from sbtrain.model.core_attention import causal_attention
 from sbtrain.model.gla import (
     ProjectionSubmodules,
@@ -63,7 +63,7 @@ class ParallelHybridAttention(MegatronModule):
         self.shared_projections = shared_projections
         self.query_neuron = query_neuron
         self.tp_group = tp_group
-        self.sp_group = sequence_parallel_group(pg_collection)
+        self.sp = sp_context(pg_collection)
         self.norm_eps = config.layernorm_epsilon
         self.linear_qkv, self.linear_proj = attention_projections(config, submodules, add_qkv_bias,
                                                                   tp_group)
@@ -107,7 +107,7 @@ class ParallelHybridAttention(MegatronModule):
         q, k = torch.sigmoid(q), torch.sigmoid(k)
         q, k, v, log_decay = (t.transpose(0, 1) for t in (q, k, v, log_decay))
         out = linear_attention(q, k, v, log_decay, segment_ids, self.head_dim ** -0.5,
-                               self.sink_tokens, self.sp_group)
+                               self.sink_tokens, self.sp)
         # normed before the transpose: the norm's rows are contiguous in [b, s, heads, d]
         out = head_rms_norm(out, self.linear_norm_weight, self.norm_eps, self.tp_group)
         return out.transpose(0, 1)
@@ -123,4 +123,4 @@ class ParallelHybridAttention(MegatronModule):
         if self.query_neuron is not None:
             q = self.query_neuron(q)
         return causal_attention(q, k, v, self.window, segment_ids, self.head_dim ** -0.5,
-                                self.sink_tokens, self.sp_group)
+                                self.sink_tokens, self.sp)

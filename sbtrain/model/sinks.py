@@ -6,7 +6,7 @@ embeddings, and removed again before the output layer, so the logits and the los
 real tokens only. In between every layer sees ``S + T`` positions; the mixers know the first
 ``S`` are sinks (``sink_tokens`` in their specs) and treat them as the report describes: in
 softmax attention every token sees all sinks and sinks see only each other
-(``ops.attention.sink_attention``); linear attention runs them as a prefix
+(``ops.attention.attention`` with ``sinks=S``); linear attention runs them as a prefix
 (``sbtrain.model.gla.linear_attention``).
 
 RoPE positions run over the whole ``S + T`` sequence (sinks at 0..S-1). Rotary attention

@@ -1,6 +1,6 @@
 """Bytes one sequence-parallel rank sends and receives per layer and per training step.
 
-The model follows ``parallel/sequence_gla.py`` and ``parallel/sequence_attention.py``:
+The model follows ``ops/gla/sequence_parallel.py`` and ``ops/attention/sequence_parallel.py``:
 ``parallel.sp = P`` splits every sequence of T tokens into P slices of s = ceil(T / P)
 tokens (the largest slice; all equal when P divides T). Sink tokens are replicated on every
 rank and move nothing. With b = micro_batch_size, Hkv = num_query_groups / tp and

@@ -59,7 +59,7 @@ SHAPE_76B = {"model.pattern": "H-F-HEFE", "model.sliding_window": 4, "model.sink
 
 
 def test_gpu_76b_shape_fast_paths_match_cpu_reference(tmp_path):
-    """fla (linear branch, sink prefix state) and flex (sink_attention) vs the CPU references."""
+    """fla (linear branch, sink prefix state) and flex (op attention with sinks) vs the CPU references."""
     cpu = harness.run(tmp_path, "cpu", 1, {**SHAPE_76B, "train.precision": "fp32"},
                       env={"SB_PLATFORM": "cpu"})
     gpu = harness.run(tmp_path, "gpu", 1, {**SHAPE_76B, "train.precision": "fp32"},

@@ -1,4 +1,4 @@
-"""softmax_attention: reference vs a naive loop, flex (eager, on CPU) vs reference, mask rules, dispatch.
+"""op attention without sinks or positions: reference vs a naive loop, flex (eager, on CPU) vs reference, mask rules, dispatch.
 
 Tolerances (relative RMS, rms(a - b) / rms(b)):
     fp32 vs fp32 of the same math: 1e-5 (summation order only).
@@ -20,20 +20,47 @@ from pathlib import Path
 import pytest
 import torch
 
-from ops.attention import attention_mask, reference_attention, softmax_attention
-from ops.attention import flex_backend
-from ops.attention.flex_backend import (
-    BLOCK_SIZE,
-    BlockMaskCache,
-    block_structure,
-    build_block_mask,
-    causal_mask_mod,
-    flex_softmax_attention,
-)
-from ops.attention.sdpa_backend import sdpa_causal_attention
+from ops.attention import attention
+from ops.attention import naive_attention as op_reference
+from ops.attention import attention_mask as dense_attention_mask
+from ops.attention import flex as flex_backend
+from ops.attention.flex import BlockMaskCache, flex_attention_backend
+from ops.attention.masks import BLOCK_SIZE, mask_layout, tile_structure
+from ops.attention.sdpa import sdpa_attention
+
+
+def positional(fn):
+    """``fn(q, k, v, window, segment_ids, **kw)``: op ``attention``'s keyword form, as this file calls it."""
+    return lambda q, k, v, window=None, segment_ids=None, **kw: fn(q, k, v, window=window, documents=segment_ids, **kw)
+
+
+reference_attention = positional(op_reference)
+softmax_attention = positional(attention)
+flex_softmax_attention = positional(flex_attention_backend)
+sdpa_causal_attention = positional(sdpa_attention)
+
+
+def attention_mask(T, window=None, segment_ids=None):
+    """[Bm, 1, T, T] mask of a call without sinks or positions."""
+    return dense_attention_mask(T, window=window, documents=segment_ids)[:, None]
+
+
+def layout(T, window, segment_ids, device="cpu", sinks=0):
+    return mask_layout(T, T, window=window, documents=segment_ids, sinks=sinks, positions=None,
+                       device=torch.device(device))
+
+
+def block_structure(T, window, segment_ids, device):
+    return tile_structure(layout(T, window, segment_ids, device))
+
+
+def causal_mask_mod(window):
+    """The causal/window rule as create_block_mask takes it (written here, independent of masks.py)."""
+    return lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
+
 
 REPO = Path(__file__).resolve().parents[2]
-FORCE_ENV = "SB_OP_BACKEND_SOFTMAX_ATTENTION"
+FORCE_ENV = "SB_OP_BACKEND_ATTENTION"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
@@ -221,7 +248,7 @@ def test_block_mask_equals_create_block_mask(T, window):
     from torch.nn.attention.flex_attention import create_block_mask
 
     window_t = torch.tensor(T if window is None else window)
-    ours = build_block_mask(T, window, None, torch.device("cpu"))
+    ours = flex_backend.build_block_mask(layout(T, window, None))
     theirs = create_block_mask(causal_mask_mod(window_t), None, None, T, T, device="cpu")
     assert ours.shape == theirs.shape == (1, 1, T, T)
     for name in ("kv", "full_kv", "q", "full_q"):
@@ -269,21 +296,21 @@ def test_document_mask_isolates_documents():
 
 def test_dispatch_on_cpu_picks_reference(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
     caplog.set_level(logging.INFO, logger="sbtrain.ops")
-    registry = softmax_attention.registry
+    registry = attention.registry
     monkeypatch.setattr(registry, "_logged", set())  # each choice is logged once per process
     assert registry.force_env == FORCE_ENV
-    assert [b.name for b in registry.backends] == ["sdpa_causal", "flex", "torch"]
+    assert [b.name for b in registry.backends] == ["sdpa", "flex", "lse_merge", "torch"]
     q, k, v = make_qkv(T=37)
     assert registry.select(q, k, v).name == "torch"
-    assert registry.select(q, k, v, window=3, segment_ids=make_segments(2, 37)).name == "torch"
+    assert registry.select(q, k, v, window=3, documents=make_segments(2, 37)).name == "torch"
     out = softmax_attention(q, k, v, 3)
     assert torch.equal(out, reference_attention(q, k, v, 3))
     messages = " ".join(r.getMessage() for r in caplog.records)
-    assert "sdpa_causal: sdpa_causal is the CUDA flash path" in messages
+    assert "sdpa: sdpa is the CUDA flash path" in messages
     assert "flex" in messages
 
 
-@pytest.mark.parametrize("backend", ["sdpa_causal", "flex"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_forcing_a_cuda_backend_on_cpu_errors(monkeypatch: pytest.MonkeyPatch, backend):
     monkeypatch.setenv(FORCE_ENV, backend)
     q, k, v = make_qkv(T=8)
@@ -297,32 +324,32 @@ def test_invalid_inputs_raise():
         reference_attention(q, k[:, :1].expand(2, 4, 8, 16), v[:, :1].expand(2, 4, 8, 16))
     with pytest.raises(ValueError, match="window"):
         reference_attention(q, k, v, window=-1)
-    with pytest.raises(ValueError, match="segment_ids"):
+    with pytest.raises(ValueError, match="documents"):
         reference_attention(q, k, v, segment_ids=torch.zeros(2, 7, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"\[B, H, T, D\]"):
+    with pytest.raises(ValueError, match=r"\[B, H, L, D\]"):
         reference_attention(q[0], k, v)
 
 
 def test_block_mask_cache():
     cache = BlockMaskCache(max_plain=2)
     cpu = torch.device("cpu")
-    a = cache.get(300, None, None, cpu)
-    assert cache.get(300, None, None, cpu) is a and cache.builds == 1
-    cache.get(300, 5, None, cpu), cache.get(200, None, None, cpu)
-    assert cache.builds == 3 and cache.get(300, None, None, cpu) is not a  # evicted (max_plain=2)
+    a = cache.get(300, 0, None, None, cpu)
+    assert cache.get(300, 0, None, None, cpu) is a and cache.builds == 1
+    cache.get(300, 0, 5, None, cpu), cache.get(200, 0, None, None, cpu)
+    assert cache.builds == 3 and cache.get(300, 0, None, None, cpu) is not a  # evicted (max_plain=2)
 
     seg = make_segments(2, 300)
-    m = cache.get(300, 5, seg, cpu)
-    assert cache.get(300, 5, seg, cpu) is m  # the next layer of the same forward
-    assert cache.get(300, 5, seg.clone(), cpu) is not m  # a new batch, even with equal ids
+    m = cache.get(300, 0, 5, seg, cpu)
+    assert cache.get(300, 0, 5, seg, cpu) is m  # the next layer of the same forward
+    assert cache.get(300, 0, 5, seg.clone(), cpu) is not m  # a new batch, even with equal ids
     seg2 = seg.clone()
-    m2 = cache.get(300, 5, seg2, cpu)
+    m2 = cache.get(300, 0, 5, seg2, cpu)
     seg2[0, :10] = 99  # edited in place: the version counter moves
-    assert cache.get(300, 5, seg2, cpu) is not m2
+    assert cache.get(300, 0, 5, seg2, cpu) is not m2
     with torch.inference_mode():
         frozen = make_segments(2, 300)
     builds = cache.builds
-    cache.get(300, 5, frozen, cpu), cache.get(300, 5, frozen, cpu)
+    cache.get(300, 0, 5, frozen, cpu), cache.get(300, 0, 5, frozen, cpu)
     assert cache.builds == builds + 2  # inference tensors have no version: never cached
 
 
@@ -372,7 +399,7 @@ def _accepts(backend: str, T: int, window: int | None, docs: bool) -> bool:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("T,window,docs", GPU_CASES)
-@pytest.mark.parametrize("backend", ["sdpa_causal", "flex"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_gpu_backend_matches_reference(monkeypatch, compile_enabled, backend, T, window, docs, dtype):
     if not _accepts(backend, T, window, docs):
         pytest.skip(f"{backend} does not take this mask")
@@ -389,11 +416,11 @@ def test_gpu_backend_matches_reference(monkeypatch, compile_enabled, backend, T,
 @pytest.mark.gpu
 def test_gpu_dispatch_picks_fast_backends(compile_enabled):
     q, k, v = make_qkv(B=1, H=8, Hkv=2, T=256, D=128, dtype=torch.bfloat16, device="cuda")
-    registry = softmax_attention.registry
-    assert registry.select(q, k, v).name == "sdpa_causal"
-    assert registry.select(q, k, v, window=255).name == "sdpa_causal"
+    registry = attention.registry
+    assert registry.select(q, k, v).name == "sdpa"
+    assert registry.select(q, k, v, window=255).name == "sdpa"
     assert registry.select(q, k, v, window=64).name == "flex"
-    assert registry.select(q, k, v, segment_ids=make_segments(1, 256, device="cuda")).name == "flex"
+    assert registry.select(q, k, v, documents=make_segments(1, 256, device="cuda")).name == "flex"
 
 
 @pytest.mark.gpu

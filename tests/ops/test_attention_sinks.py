@@ -1,4 +1,4 @@
-"""sink_attention: reference vs a naive loop, flex and lse_merge (eager, on CPU) vs reference, merge, masks.
+"""op attention with sinks: reference vs a naive loop, flex and lse_merge (eager, on CPU) vs reference, merge, masks.
 
 Tolerances (relative RMS, rms(a - b) / rms(b)):
     fp32 vs fp32 of the same math: 1e-5 (summation order only; the lse merge adds a few fp32
@@ -20,26 +20,69 @@ import os
 import pytest
 import torch
 
-from ops.attention import (
-    attention_mask,
-    merge_attention,
-    reference_sink_attention,
-    sink_attention,
-    sink_attention_mask,
-    softmax_attention,
-)
-from ops.attention.sinks import (
-    SINK_BLOCK_MASKS,
-    SinkBlockMaskCache,
-    build_sink_block_mask,
-    flex_sink_attention,
-    lse_merge_sink_attention,
-    sink_block_structure,
-    sink_mask_mod,
-)
-from ops.attention.flex_backend import BLOCK_SIZE, BlockMaskCache
+from ops.attention import attention, merge_attention
+from ops.attention import attention_mask as dense_attention_mask
+from ops.attention import naive_attention as op_reference
+from ops.attention.flex import BLOCK_MASKS as SINK_BLOCK_MASKS
+from ops.attention.flex import BlockMaskCache, build_block_mask, flex_attention_backend
+from ops.attention.lse_merge import lse_merge_attention
+from ops.attention.masks import BLOCK_SIZE, mask_layout, tile_structure
 
-FORCE_ENV = "SB_OP_BACKEND_SINK_ATTENTION"
+FORCE_ENV = "SB_OP_BACKEND_ATTENTION"
+
+
+def joined(inputs):
+    """(q, k, v, q_sink, k_sink, v_sink) -> [sinks; regular] q, k, v: the op's form."""
+    q, k, v, q_sink, k_sink, v_sink = inputs
+    return [torch.cat([s, t], dim=2) for s, t in zip((q_sink, k_sink, v_sink), (q, k, v))]
+
+
+def sink_form(fn):
+    """``fn(q, k, v, q_sink, k_sink, v_sink, window, segment_ids, scale, **kw) -> (out, out_sink)``
+    over op ``attention``'s form (sinks first in one sequence), as this file calls it."""
+
+    def call(q, k, v, q_sink, k_sink, v_sink, window=None, segment_ids=None, scale=None, **kw):
+        S = q_sink.shape[2]
+        out = fn(*joined((q, k, v, q_sink, k_sink, v_sink)), window=window, documents=segment_ids, sinks=S,
+                 scale=scale, **kw)
+        return out[:, :, S:], out[:, :, :S]
+
+    return call
+
+
+reference_sink_attention = sink_form(op_reference)
+sink_attention = sink_form(attention)
+flex_sink_attention = sink_form(flex_attention_backend)
+lse_merge_sink_attention = sink_form(lse_merge_attention)
+
+
+def attention_mask(T, window=None, segment_ids=None):
+    return dense_attention_mask(T, window=window, documents=segment_ids)[:, None]
+
+
+def sink_attention_mask(T, S, window=None, segment_ids=None):
+    """[Bm, 1, S + T, S + T] mask over [sinks; regular]."""
+    return dense_attention_mask(S + T, window=window, documents=segment_ids, sinks=S)[:, None]
+
+
+def sink_layout(T, S, window, segment_ids, device="cpu"):
+    return mask_layout(S + T, S + T, window=window, documents=segment_ids, sinks=S, positions=None,
+                       device=torch.device(device))
+
+
+def sink_block_structure(T, S, window, segment_ids, device):
+    return tile_structure(sink_layout(T, S, window, segment_ids, device))
+
+
+def sink_mask_mod(sinks, window):
+    """The sink rule as create_block_mask takes it (written here, independent of masks.py)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx < sinks) | ((kv_idx >= sinks) & (kv_idx <= q_idx) & (q_idx - kv_idx <= window))
+
+    return mask_mod
+
+
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 NAMES = ("out", "out_sink", "dq", "dk", "dv", "dq_sink", "dk_sink", "dv_sink")
 
@@ -148,8 +191,7 @@ def test_sink_attention_mask_rules():
     assert mask[1, 0, 2:, 2:].equal(attention_mask(4, window=1)[0, 0])
     plain = sink_attention_mask(5, 3)
     assert plain.shape == (1, 1, 8, 8) and plain[0, 0, 3:, 3:].equal(torch.ones(5, 5, dtype=torch.bool).tril())
-    with pytest.raises(ValueError, match=r"S >= 1"):
-        sink_attention_mask(5, 0)
+    assert sink_attention_mask(5, 0).equal(attention_mask(5))  # no sinks: the plain rule
 
 
 @pytest.fixture
@@ -171,7 +213,7 @@ def eager_flex(monkeypatch: pytest.MonkeyPatch):
 
 def eager_backend(name: str, flex) -> object:
     if name == "flex":
-        return lambda *a, **kw: flex_sink_attention(*a, **kw, flex_fn=flex, cache=SinkBlockMaskCache())
+        return lambda *a, **kw: flex_sink_attention(*a, **kw, flex_fn=flex, cache=BlockMaskCache())
     return lambda *a, **kw: lse_merge_sink_attention(*a, **kw, flex_fn=flex, cache=BlockMaskCache())
 
 
@@ -301,24 +343,22 @@ def test_documents_split_regular_tokens_only():
     assert torch.equal(out[1], base[1])
 
 
-@pytest.mark.parametrize("fn", [reference_sink_attention, sink_attention, flex_sink_attention,
-                                lse_merge_sink_attention], ids=lambda f: f.__name__)
-def test_zero_sinks_is_an_error(fn):
-    q, k, v, qs, ks, vs = make_inputs(T=8, S=4)
-    with pytest.raises(ValueError, match=r"at least one sink token \(S >= 1\), got S = 0"):
-        fn(q, k, v, qs[:, :, :0], ks[:, :, :0], vs[:, :, :0])
+@pytest.mark.parametrize("window,docs", [(None, False), (3, True)])
+def test_zero_sinks_is_plain_attention(window, docs):
+    q, k, v = make_inputs(T=37, S=4)[:3]
+    seg = make_segments(2, 37) if docs else None
+    plain = op_reference(q, k, v, window=window, documents=seg)
+    assert torch.equal(op_reference(q, k, v, window=window, documents=seg, sinks=0), plain)
 
 
-def test_invalid_sink_shapes_raise():
-    q, k, v, qs, ks, vs = make_inputs(T=8, S=4)
-    with pytest.raises(ValueError, match="q_sink must be"):
-        reference_sink_attention(q, k, v, qs[:, :2], ks, vs)
-    with pytest.raises(ValueError, match="k_sink and v_sink must be"):
-        reference_sink_attention(q, k, v, qs, ks[:, :, :3], vs)
-    with pytest.raises(ValueError, match=r"\[B, H, S, D\]"):
-        reference_sink_attention(q, k, v, qs[0], ks, vs)
+def test_invalid_sink_arguments_raise():
+    q, k, v = joined(make_inputs(T=8, S=4))
+    with pytest.raises(ValueError, match="sinks must be in"):
+        op_reference(q, k, v, sinks=13)
+    with pytest.raises(ValueError, match="documents must be"):
+        op_reference(q, k, v, sinks=4, documents=torch.zeros(2, 12, dtype=torch.long))
     with pytest.raises(ValueError, match="window"):
-        reference_sink_attention(q, k, v, qs, ks, vs, window=-1)
+        op_reference(q, k, v, sinks=4, window=-1)
 
 
 def tile_truth(T: int, S: int, window: int | None, seg: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,7 +414,7 @@ def test_sink_block_mask_equals_create_block_mask(T, S, window):
 
     L = S + T
     mod = sink_mask_mod(torch.tensor(S), torch.tensor(T if window is None else window))
-    ours = build_sink_block_mask(T, S, window, None, torch.device("cpu"))
+    ours = build_block_mask(sink_layout(T, S, window, None))
     theirs = create_block_mask(mod, None, None, L, L, device="cpu")
     assert ours.shape == theirs.shape == (1, 1, L, L)
     for name in ("kv", "full_kv", "q", "full_q"):
@@ -384,21 +424,21 @@ def test_sink_block_mask_equals_create_block_mask(T, S, window):
 
 
 def test_sink_block_mask_cache():
-    cache = SinkBlockMaskCache(max_plain=2)
+    cache = BlockMaskCache(max_plain=2)
     cpu = torch.device("cpu")
-    a = cache.get(300, 128, None, None, cpu)
-    assert cache.get(300, 128, None, None, cpu) is a and cache.builds == 1
-    assert cache.get(300, 16, None, None, cpu) is not a and cache.builds == 2  # per sink count
+    a = cache.get(428, 128, None, None, cpu)
+    assert cache.get(428, 128, None, None, cpu) is a and cache.builds == 1
+    assert cache.get(428, 16, None, None, cpu) is not a and cache.builds == 2  # per sink count
     seg = make_segments(2, 300)
-    m = cache.get(300, 128, 5, seg, cpu)
-    assert cache.get(300, 128, 5, seg, cpu) is m and cache.builds == 3  # the next layer of the same forward
-    assert cache.get(300, 128, 5, seg.clone(), cpu) is not m  # a new batch
+    m = cache.get(428, 128, 5, seg, cpu)
+    assert cache.get(428, 128, 5, seg, cpu) is m and cache.builds == 3  # the next layer of the same forward
+    assert cache.get(428, 128, 5, seg.clone(), cpu) is not m  # a new batch
     cache.clear()
-    assert cache.builds == 0 and cache.get(300, 128, None, None, cpu) is not a
+    assert cache.get(428, 128, None, None, cpu) is not a
 
 
 def test_flex_normalises_long_windows(eager_flex):
-    cache = SinkBlockMaskCache()
+    cache = BlockMaskCache()
     inputs = make_inputs(T=37, S=4)
     for window in (None, 36, 1000):
         flex_sink_attention(*inputs, window, flex_fn=eager_flex, cache=cache)
@@ -407,14 +447,14 @@ def test_flex_normalises_long_windows(eager_flex):
 
 def test_dispatch_on_cpu_picks_reference(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
     caplog.set_level(logging.INFO, logger="sbtrain.ops")
-    registry = sink_attention.registry
+    registry = attention.registry
     monkeypatch.setattr(registry, "_logged", set())
     assert registry.force_env == FORCE_ENV
-    assert [(b.name, b.kind) for b in registry.backends] == [("flex", "triton"), ("lse_merge", "triton"),
-                                                             ("torch", "torch")]
+    assert [(b.name, b.kind) for b in registry.backends] == [("sdpa", "vendor"), ("flex", "triton"),
+                                                             ("lse_merge", "triton"), ("torch", "torch")]
     inputs = make_inputs(T=37, S=4)
-    assert registry.select(*inputs).name == "torch"
-    assert registry.select(*inputs, window=3, segment_ids=make_segments(2, 37)).name == "torch"
+    assert registry.select(*joined(inputs), sinks=4).name == "torch"
+    assert registry.select(*joined(inputs), window=3, documents=make_segments(2, 37), sinks=4).name == "torch"
     got = sink_attention(*inputs, 3)
     want = reference_sink_attention(*inputs, 3)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -426,10 +466,6 @@ def test_forcing_a_cuda_backend_on_cpu_errors(monkeypatch: pytest.MonkeyPatch, b
     monkeypatch.setenv(FORCE_ENV, backend)
     with pytest.raises(RuntimeError, match=f"{FORCE_ENV}='{backend}'"):
         sink_attention(*make_inputs(T=8, S=2))
-
-
-def test_sink_attention_does_not_touch_softmax_attention():
-    assert [b.name for b in softmax_attention.registry.backends] == ["sdpa_causal", "flex", "torch"]
 
 
 @pytest.mark.skipif(os.environ.get("SB_TEST_CPU_COMPILE") != "1", reason="compiles inductor's CPU flex kernel "
@@ -477,10 +513,12 @@ def test_gpu_backend_matches_reference(monkeypatch, compile_enabled, backend, T,
 @pytest.mark.gpu
 def test_gpu_dispatch_picks_flex(compile_enabled):
     inputs = make_inputs(B=1, H=8, Hkv=2, T=256, S=128, D=128, dtype=torch.bfloat16, device="cuda")
-    registry = sink_attention.registry
-    assert registry.select(*inputs).name == "flex"
-    assert registry.select(*inputs, window=64, segment_ids=make_segments(1, 256, device="cuda")).name == "flex"
-    assert registry.select(*inputs[:3], *(t.float() for t in inputs[3:])).name == "torch"  # mixed dtypes
+    registry = attention.registry
+    assert registry.select(*joined(inputs), sinks=128).name == "flex"
+    assert registry.select(*joined(inputs), window=64, documents=make_segments(1, 256, device="cuda"),
+                           sinks=128).name == "flex"
+    q, k, v = joined(inputs)
+    assert registry.select(q, k.float(), v.float(), sinks=128).name == "torch"  # mixed dtypes
 
 
 @pytest.mark.gpu
@@ -488,6 +526,7 @@ def test_gpu_flex_reuses_document_mask_across_layers(compile_enabled):
     inputs = make_inputs(B=2, H=8, Hkv=2, T=1000, S=128, D=128, dtype=torch.bfloat16, device="cuda")
     seg = make_segments(2, 1000, device="cuda")
     SINK_BLOCK_MASKS.clear()
+    builds = SINK_BLOCK_MASKS.builds
     for _ in range(4):
         flex_sink_attention(*inputs, 300, seg)
-    assert SINK_BLOCK_MASKS.builds == 1
+    assert SINK_BLOCK_MASKS.builds == builds + 1

@@ -218,5 +218,5 @@ def test_cuda_only_library_backends_name_their_platform():
 
     marked = {(op, b.name): b.platforms for op, reg in registries().items() for b in reg.backends
               if b.platforms is not None}
-    assert marked == {("softmax_attention", "sdpa_causal"): ("cuda",),
+    assert marked == {("attention", "sdpa"): ("cuda",),
                       ("grouped_linear", "grouped_mm"): ("cuda",)}

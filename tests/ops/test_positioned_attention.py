@@ -1,4 +1,4 @@
-"""positioned_attention: reference vs a naive loop and vs reference_attention, mask rules, flex
+"""op attention with explicit positions: reference vs a naive loop and vs reference_attention, mask rules, flex
 (eager, on CPU) vs reference, block structure vs the dense mask, dispatch.
 
 Key layouts are built like a sequence-parallel rank's (``sp_layout``): the tails of every
@@ -23,16 +23,49 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ops.attention import positioned_attention, reference_attention, reference_positioned_attention
-from ops.attention.flex_backend import BLOCK_SIZE
-from ops.attention.positioned import (
-    _flex_tensors,
-    flex_positioned_attention,
-    positioned_block_structure,
-    positioned_mask,
-)
+from ops.attention import Positions, attention
+from ops.attention import naive_attention as op_reference
+from ops.attention.flex import flex_attention_backend
+from ops.attention.masks import BLOCK_SIZE, dense_mask, mask_layout, tile_structure
 
-FORCE_ENV = "SB_OP_BACKEND_POSITIONED_ATTENTION"
+FORCE_ENV = "SB_OP_BACKEND_ATTENTION"
+
+
+def op_form(q, k, v, q_pos, k_pos, window=None, q_segments=None, k_segments=None, k_valid=None, k_always=None):
+    """The general layout of this file (always-visible keys anywhere) in op ``attention``'s form:
+    the valid always-visible keys first, as sinks, with zero sink query rows in front of q
+    (``general_form`` drops their outputs). Returns (q, k, v, keyword arguments)."""
+    valid = torch.ones(k_pos.shape[0], dtype=torch.bool, device=k_pos.device) if k_valid is None else k_valid
+    sinks = valid.bool() & (torch.zeros_like(valid, dtype=torch.bool) if k_always is None else k_always.bool())
+    order = torch.cat([sinks.nonzero()[:, 0], (~sinks).nonzero()[:, 0]])
+    S, rest = int(sinks.sum()), order[int(sinks.sum()):]
+    positions = Positions(query=q_pos, key=k_pos[rest], key_valid=None if k_valid is None else k_valid[rest],
+                          key_documents=None if k_segments is None else k_segments[:, rest])
+    q = torch.cat([q.new_zeros(*q.shape[:2], S, q.shape[3]), q], dim=2)
+    order = order.to(k.device)
+    return q, k[:, :, order], v[:, :, order], dict(window=window, documents=q_segments, sinks=S, positions=positions)
+
+
+def general_form(fn):
+    """``fn`` called as ``fn(q, k, v, q_pos, k_pos, *, window, q_segments, k_segments, k_valid, k_always, scale)``."""
+
+    def call(q, k, v, q_pos, k_pos, *, scale=None, flex_fn=None, **layout):
+        q2, k2, v2, kwargs = op_form(q, k, v, q_pos, k_pos, **layout)
+        extra = {} if flex_fn is None else {"flex_fn": flex_fn}
+        return fn(q2, k2, v2, **kwargs, scale=scale, **extra)[:, :, kwargs["sinks"]:]
+
+    return call
+
+
+positioned_attention = general_form(attention)
+reference_positioned_attention = general_form(op_reference)
+flex_positioned_attention = general_form(flex_attention_backend)
+
+
+def reference_attention(q, k, v, window=None, segment_ids=None):
+    return op_reference(q, k, v, window=window, documents=segment_ids)
+
+
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 SINK_POS = 10**9  # beyond every query: only k_always makes these keys visible
 
@@ -64,8 +97,15 @@ class Layout:
     def kwargs(self) -> dict:
         return {n: getattr(self, n) for n in ("window", "q_segments", "k_segments", "k_valid", "k_always")}
 
+    def op_layout(self):
+        """The op's mask layout of this call (sinks first, with their query rows)."""
+        q = torch.zeros(1, 1, self.q_pos.shape[0], 1)
+        k = torch.zeros(1, 1, self.k_pos.shape[0], 1)
+        q, k, _, kw = op_form(q, k, k, self.q_pos, self.k_pos, **self.kwargs)
+        return mask_layout(q.shape[2], k.shape[2], device=self.q_pos.device, **kw)
+
     def mask(self) -> torch.Tensor:
-        return positioned_mask(self.q_pos, self.k_pos, **self.kwargs)
+        return dense_mask(self.op_layout())
 
 
 def sp_layout(lengths, rank, window=None, sinks=0, B=2, docs=False, sinks_first=False, shuffle=False,
@@ -264,13 +304,14 @@ def test_scale():
 
 def test_dispatch_on_cpu_picks_reference(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
     caplog.set_level(logging.INFO, logger="sbtrain.ops")
-    registry = positioned_attention.registry
+    registry = attention.registry
     monkeypatch.setattr(registry, "_logged", set())
     assert registry.force_env == FORCE_ENV
-    assert [b.name for b in registry.backends] == ["flex", "torch"]
+    assert [b.name for b in registry.backends] == ["sdpa", "flex", "lse_merge", "torch"]
     lay = sp_layout(LENGTHS, RANK, window=6, sinks=2, docs=True)
     q, k, v = _detached(2, 4, 2, lay)
-    assert registry.select(q, k, v, lay.q_pos, lay.k_pos, **lay.kwargs).name == "torch"
+    q2, k2, v2, kwargs = op_form(q, k, v, lay.q_pos, lay.k_pos, **lay.kwargs)
+    assert registry.select(q2, k2, v2, **kwargs).name == "torch"
     out = positioned_attention(q, k, v, lay.q_pos, lay.k_pos, **lay.kwargs)
     assert torch.equal(out, reference_positioned_attention(q, k, v, lay.q_pos, lay.k_pos, **lay.kwargs))
     assert "flex" in " ".join(r.getMessage() for r in caplog.records)
@@ -283,15 +324,15 @@ def test_invalid_inputs_raise():
     lay = sp_layout(LENGTHS, RANK, sinks=1, docs=True)
     q, k, v = _detached(2, 4, 2, lay)
     qp, kp = lay.q_pos, lay.k_pos
-    with pytest.raises(ValueError, match="both None"):
+    with pytest.raises(ValueError, match="given together"):
         positioned_attention(q, k, v, qp, kp, q_segments=lay.q_segments)
-    with pytest.raises(ValueError, match="k_segments"):
+    with pytest.raises(ValueError, match="key_documents"):
         positioned_attention(q, k, v, qp, kp, q_segments=lay.q_segments, k_segments=lay.q_segments)
-    with pytest.raises(ValueError, match="q_pos"):
+    with pytest.raises(ValueError, match="positions.query"):
         positioned_attention(q, k, v, qp.float(), kp)
-    with pytest.raises(ValueError, match="k_pos"):
+    with pytest.raises(ValueError, match="positions.key"):
         positioned_attention(q, k, v, qp, kp[1:])
-    with pytest.raises(ValueError, match="k_valid"):
+    with pytest.raises(ValueError, match="key_valid"):
         positioned_attention(q, k, v, qp, kp, k_valid=lay.k_valid.int())
     with pytest.raises(ValueError, match="window"):
         positioned_attention(q, k, v, qp, kp, window=-1)
@@ -346,9 +387,7 @@ def tile_truth(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def structure(lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    qp, k_regular_pos, sees_all = _flex_tensors(lay.q_pos, lay.k_pos, lay.k_valid, lay.k_always, lay.q_pos.device)
-    seg = (None, None) if lay.q_segments is None else (lay.q_segments.long(), lay.k_segments.long())
-    return positioned_block_structure(qp, k_regular_pos, sees_all, lay.window, *seg)
+    return tile_structure(lay.op_layout())
 
 
 BIG_LENGTHS = [300, 200, 130, 300, 300]
@@ -427,6 +466,8 @@ def test_gpu_flex_matches_reference(monkeypatch, compile_enabled, name, docs, dt
 def test_gpu_dispatch_picks_flex(compile_enabled):
     lay = sp_layout(*GPU_LAYOUTS["window"], sinks=8, device="cuda")
     q, k, v = make_qkv(1, 8, 2, lay.q_pos.shape[0], lay.k_pos.shape[0], D=128, dtype=torch.bfloat16, device="cuda")
-    registry = positioned_attention.registry
-    assert registry.select(q, k, v, lay.q_pos, lay.k_pos, **lay.kwargs).name == "flex"
-    assert registry.select(q, k, v, lay.q_pos.cpu(), lay.k_pos, **lay.kwargs).name == "torch"
+    registry = attention.registry
+    q2, k2, v2, kwargs = op_form(q, k, v, lay.q_pos, lay.k_pos, **lay.kwargs)
+    assert registry.select(q2, k2, v2, **kwargs).name == "flex"
+    on_cpu = {**kwargs, "positions": Positions(lay.q_pos.cpu(), *list(vars(kwargs["positions"]).values())[1:])}
+    assert registry.select(q2, k2, v2, **on_cpu).name == "torch"

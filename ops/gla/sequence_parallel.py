@@ -3,7 +3,7 @@
 Each rank of the sequence-parallel group holds one contiguous slice of every sequence (rank
 order = sequence order; slices may differ in length). Per rank:
 
-1. the local recurrence from a zero state (``ops.gla.gla``, the fused kernel on GPUs);
+1. the local recurrence from a zero state (op ``gla``, the fused kernel on GPUs);
 2. the state the slice leaves, ``S_r`` (from zero, over the slice's last document), and the
    slice's total decay ``D_r = exp(sum of g)`` (0 when a document starts inside the slice);
 3. one all-gather of ``(S_r, D_r)``: ``[b, Hkv, K, V + 1]`` per rank, independent of the
@@ -11,11 +11,11 @@ order = sequence order; slices may differ in length). Per rank:
 4. the state entering rank r, ``E_r = S_{r-1} + D_{r-1} E_{r-1}`` (zero when rank r's first
    token starts a new document; ``D`` is 0 for a slice that starts or contains a document
    start), added to the outputs of rank r's first document as the term
-   ``ops.gla.initial_state_output``.
+   ``ops.gla.reference.initial_state_output``.
 
 The backward pass is autograd through the same steps; the gather's backward sums every
 rank's gradient for each rank's ``(S_r, D_r)`` with one all-reduce of the same size, so state
-gradients flow back to the earlier slices. Documents (``segment_ids``, global ids sliced
+gradients flow back to the earlier slices. Documents (``documents``, global ids sliced
 like the tokens) restart the state wherever they start, also inside a slice.
 
 An ``initial_state`` I (the sink tokens' state, the same on every rank) starts every row and
@@ -29,10 +29,11 @@ recursion above.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from parallel.sp_comm import all_gather_values, all_gather_with_grad
+from ops.comm import SPContext, all_gather_values, all_gather_with_grad
+from ops.gla.local import gla_documents
+from ops.gla.reference import initial_state_output
 
 
 def _slice_state(k: Tensor, v: Tensor, g: Tensor, last_doc: Tensor | None,
@@ -54,32 +55,25 @@ def _slice_state(k: Tensor, v: Tensor, g: Tensor, last_doc: Tensor | None,
     return state, total
 
 
-def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, group,
-           segment_ids: Tensor | None = None, initial_state: Tensor | None = None) -> Tensor:
+def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, sp: SPContext,
+           documents: Tensor | None = None, initial_state: Tensor | None = None) -> Tensor:
     """GLA of this rank's slice ``[b, s_r, ...]`` (layout of ``ops.gla.gla``) of sequences
-    split over ``group``; returns this slice's outputs ``[b, s_r, H, V]``. ``initial_state``
+    split over ``sp``; returns this slice's outputs ``[b, s_r, H, V]``. ``initial_state``
     ``[b, Hkv, K, V]``: the state every row and document starts from (None: zero)."""
-    from ops.documents import cu_seqlens_from_segments
-    from ops.gla import gla, initial_state_output
-
-    batch, seq = q.shape[:2]
-    if segment_ids is None:
-        out, _ = gla(q, k, v, g, scale=scale)
+    batch = q.shape[0]
+    out = gla_documents(q, k, v, g, scale, documents)
+    if documents is None:
         first_doc = last_doc = None
         through = torch.ones(batch, device=q.device)
     else:
-        cu_seqlens = cu_seqlens_from_segments(segment_ids)
-        flat = [t.reshape(1, batch * seq, *t.shape[2:]) for t in (q, k, v, g)]
-        out, _ = gla(*flat, scale=scale, cu_seqlens=cu_seqlens)
-        out = out.reshape(batch, seq, *out.shape[2:])
-        first_doc = (segment_ids == segment_ids[:, :1]).float()
-        last_doc = (segment_ids == segment_ids[:, -1:]).float()
+        first_doc = (documents == documents[:, :1]).float()
+        last_doc = (documents == documents[:, -1:]).float()
         # an incoming state passes through only a slice that is one document throughout
         through = first_doc.amin(1)
-    rank = dist.get_rank(group)
-    continues = _continues(segment_ids, group, rank, batch, q.device)
+    group, rank = sp.group, sp.rank
+    continues = _continues(documents, group, rank, batch, q.device)
     if initial_state is not None:
-        out = out + initial_state_output(q, g, initial_state, scale, segment_ids).to(out.dtype)
+        out = out + initial_state_output(q, g, initial_state, scale, documents).to(out.dtype)
     state, log_total = _slice_state(k, v, g, last_doc, initial_state)
     if initial_state is not None:
         state = state - initial_state.to(state.dtype)
@@ -102,12 +96,12 @@ def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, group,
     return out + term.to(out.dtype)
 
 
-def _continues(segment_ids: Tensor | None, group, rank: int, batch: int, device) -> Tensor:
+def _continues(documents: Tensor | None, group, rank: int, batch: int, device) -> Tensor:
     """[b] 1 where this slice's first token continues the previous slice's last document
     (rank 0 receives nothing, so its value does not matter)."""
-    if segment_ids is None:
+    if documents is None:
         return torch.ones(batch, device=device)
-    edges = torch.stack([segment_ids[:, 0], segment_ids[:, -1]], dim=-1)
+    edges = torch.stack([documents[:, 0], documents[:, -1]], dim=-1)
     gathered = all_gather_values(edges, group)                # [P, b, 2], every rank joins
     if rank == 0:
         return torch.ones(batch, device=device)

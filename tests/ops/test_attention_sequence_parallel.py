@@ -1,6 +1,7 @@
-"""Softmax attention split over 2 and 4 sequence-parallel ranks (gloo, CPU) equals the
-one-process reference: outputs and q/k/v gradients, full and sliding-window (halo longer and
-shorter than a slice), uneven slices, with and without packed documents."""
+"""``ops.attention.attention(..., sp=ctx)``: softmax attention split over 2 and 4 sequence-parallel
+ranks (gloo, CPU) equals the one-process reference: outputs and q/k/v gradients, full and
+sliding-window (halo longer and shorter than a slice), uneven slices, with and without packed
+documents, with sink tokens."""
 
 from __future__ import annotations
 
@@ -30,16 +31,22 @@ def _bounds(world: int) -> list[int]:
 
 
 def _reference(q, k, v, weight, window, segments):
-    from ops.attention import reference_attention
+    from ops.attention import naive_attention
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = reference_attention(*leaves, window=window, segment_ids=segments, scale=SCALE)
+    out = naive_attention(*leaves, window=window, documents=segments, scale=SCALE)
     (out * weight).sum().backward()
     return out.detach(), [t.grad for t in leaves]
 
 
+def _sp():
+    from ops.comm import SPContext
+
+    return SPContext(dist.group.WORLD)
+
+
 def _check(rank, world, window, documents):
-    from parallel.sequence_attention import sp_softmax_attention
+    from ops.attention import attention
 
     q, k, v, weight, segments = _inputs()
     segments = segments if documents else None
@@ -47,9 +54,8 @@ def _check(rank, world, window, documents):
     lo, hi = _bounds(world)[rank:rank + 2]
     mine = [t[:, :, lo:hi].clone().requires_grad_() for t in (q, k, v)]
     seg = None if segments is None else segments[:, lo:hi]
-    out = sp_softmax_attention(*mine, window, SCALE, dist.group.WORLD, seg)
+    out = attention(*mine, window=window, documents=seg, sp=_sp(), scale=SCALE)
     (out * weight[:, :, lo:hi]).sum().backward()
-    # the reference computes in fp32 whatever the input dtype (ours in fp64): 1e-6
     torch.testing.assert_close(out, ref_out[:, :, lo:hi], rtol=1e-6, atol=1e-6)
     for name, leaf, ref in zip("qkv", mine, ref_grads):
         torch.testing.assert_close(leaf.grad, ref[:, :, lo:hi], rtol=1e-6, atol=1e-6,
@@ -97,23 +103,26 @@ S = 3  # sink tokens
 
 
 def _sink_check(rank, world, window):
-    from ops.attention import reference_sink_attention
-    from parallel.sequence_attention import sp_softmax_attention
+    from ops.attention import attention, naive_attention
 
     q, k, v, weight, segments = _inputs()
     gen = torch.Generator().manual_seed(9)
     q_sink, k_sink, v_sink = (torch.randn(B, h, S, D, generator=gen, dtype=torch.float64)
                               for h in (H, HKV, HKV))
     leaves = [t.clone().requires_grad_() for t in (q, k, v, k_sink, v_sink)]
-    ref_out, _ = reference_sink_attention(*leaves[:3], q_sink, *leaves[3:], window=window,
-                                          segment_ids=segments, scale=SCALE)
+    q_all, k_all, v_all = (torch.cat([s, t], dim=2) for s, t in zip((q_sink, *leaves[3:]), leaves[:3]))
+    ref_all = naive_attention(q_all, k_all, v_all, window=window, documents=segments, sinks=S, scale=SCALE)
+    ref_sinks, ref_out = ref_all[:, :, :S], ref_all[:, :, S:]
     (ref_out * weight).sum().backward()
     lo, hi = _bounds(world)[rank:rank + 2]
     mine = [t[:, :, lo:hi].clone().requires_grad_() for t in (q, k, v)]
     sinks = [t.clone().requires_grad_() for t in (k_sink, v_sink)]
-    out = sp_softmax_attention(*mine, window, SCALE, dist.group.WORLD, segments[:, lo:hi],
-                               *sinks)
+    got = attention(*(torch.cat([s, t], dim=2) for s, t in zip((q_sink, *sinks), mine)), window=window,
+                    documents=segments[:, lo:hi], sinks=S, sp=_sp(), scale=SCALE)
+    out = got[:, :, S:]
     (out * weight[:, :, lo:hi]).sum().backward()
+    # the sink rows (sinks see each other only) are the same on every rank
+    torch.testing.assert_close(got[:, :, :S], ref_sinks.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out, ref_out[:, :, lo:hi].detach(), rtol=1e-6, atol=1e-6)
     for name, leaf, ref in zip("qkv", mine, leaves):
         torch.testing.assert_close(leaf.grad, ref.grad[:, :, lo:hi], rtol=1e-6, atol=1e-6,
@@ -126,5 +135,5 @@ def _sink_check(rank, world, window):
 
 @pytest.mark.parametrize("case", [_sink_case_id(*c) for c in SINK_CASES])
 def test_sequence_parallel_attention_with_sinks_matches_one_process(case, results):
-    """Sink keys are seen by every query across windows and documents, as in sink_attention."""
+    """Sink keys are seen by every query across windows and documents, as on one process."""
     assert results["sinks-" + case] == "", results["sinks-" + case]

@@ -60,7 +60,8 @@ def _reference(q, k, v, g, weight, segments, documents: bool, initial=None):
 
 
 def _check(rank: int, world: int, documents: bool, initial: bool) -> None:
-    from parallel.sequence_gla import sp_gla
+    from ops.comm import SPContext
+    from ops.gla.sequence_parallel import sp_gla
 
     q, k, v, g, weight, segments, state = _inputs()
     state = state if initial else None
@@ -70,7 +71,7 @@ def _check(rank: int, world: int, documents: bool, initial: bool) -> None:
     if initial:
         state = state.clone().requires_grad_()
     seg = segments[:, lo:hi] if documents else None
-    out = sp_gla(*mine, SCALE, dist.group.WORLD, seg, initial_state=state)
+    out = sp_gla(*mine, SCALE, SPContext(dist.group.WORLD), seg, initial_state=state)
     (out * weight[:, lo:hi]).sum().backward()
     torch.testing.assert_close(out, ref_out[:, lo:hi], rtol=1e-9, atol=1e-9)
     for name, leaf, ref in zip("qkvg", mine, ref_grads):

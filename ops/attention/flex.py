@@ -1,0 +1,201 @@
+"""FlexAttention backend of op ``attention``: one block-sparse flex_attention per call.
+
+``flex_attention`` skips the 128 × 128 tiles that the :class:`BlockMask` lists as empty and
+applies the mask_mod only on the tiles it lists as partial, so a 4096-token window costs
+O(T · window) instead of O(T²). Both come from ``masks.py`` (the rule's mask_mod and tile
+structure). Sinks are keys of the same call ([sinks; tokens] in one sequence).
+
+Masks of calls without explicit positions are cached (:class:`BlockMaskCache`); with positions
+(sequence parallelism) the mask is rebuilt per call: a handful of small kernels over the tiles,
+no host synchronisation.
+
+Nothing here imports flex_attention, dynamo or triton at import time; the compiled kernel is
+built on the first call.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ops.attention.masks import BLOCK_SIZE, MaskLayout, Positions, check_inputs, mask_layout, mask_mod, tile_structure
+from ops.backends import Check, triton_available
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import AuxRequest, BlockMask
+
+FLEX_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# tl.dot needs head dims >= 16; inductor ships tuned flex configs up to 256. Non-powers of two
+# are padded by recent torch, but we have not measured them, so they go to another backend.
+FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
+# Force flex's main Triton kernel: for queries shorter than 128 "AUTO" picks the decode kernel,
+# which has no valid configs for these GQA training shapes in torch 2.11 (NoValidChoicesError,
+# seen on the H100); the main kernel serves every length.
+GPU_KERNEL_OPTIONS = {"BACKEND": "TRITON"}
+
+
+def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """Tile bitmap [..., n, n] -> (count per row, listed tiles first in ascending order), int32."""
+    dense = dense.to(torch.int32)
+    count = dense.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+    return count.contiguous(), order.contiguous()
+
+
+def build_block_mask(layout: MaskLayout) -> BlockMask:
+    """The :class:`BlockMask` (tile lists and mask_mod) of one layout."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    partial, full = tile_structure(layout)
+    kv_num_blocks, kv_indices = _ordered(partial)
+    full_kv_num_blocks, full_kv_indices = _ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
+        full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices,
+        BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod(layout),
+        seq_lengths=(layout.q_pos.shape[0], layout.k_pos.shape[0]))
+
+
+def effective_window(T: int, window: int | None) -> int | None:
+    """``window``, or None when it does not restrict a length-T sequence (window >= T - 1)."""
+    return None if window is None or window >= T - 1 else window
+
+
+def _document_key(documents: Tensor) -> tuple | None:
+    """Cache key of a documents tensor, or None when the tensor cannot be versioned."""
+    try:
+        version = documents._version
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
+    return (documents.data_ptr(), version, tuple(documents.shape), documents.stride(), documents.dtype,
+            documents.device)
+
+
+class BlockMaskCache:
+    """Block masks of calls without explicit positions, reused across calls.
+
+    Without documents a mask depends only on (length, sinks, window, device): a few are kept.
+    With documents only the latest mask is kept, because every layer of one forward pass sees
+    the same ids and the next batch brings new ones. That entry holds a reference to its ids
+    so the storage cannot be freed and its address handed to a new batch's ids while the key
+    (address, version counter, shape) still matches.
+    """
+
+    def __init__(self, max_plain: int = 8) -> None:
+        self.max_plain = max_plain
+        self.builds = 0
+        self._plain: dict[tuple, BlockMask] = {}
+        self._document: tuple[tuple, Tensor, BlockMask] | None = None
+
+    def get(self, L: int, sinks: int, window: int | None, documents: Tensor | None,
+            device: torch.device) -> BlockMask:
+        """The block mask of a length-L call (sinks included), built on a miss."""
+        window = effective_window(L - sinks, window)
+        if documents is None:
+            key = (L, sinks, window, device)
+            if key not in self._plain:
+                if len(self._plain) >= self.max_plain:
+                    self._plain.pop(next(iter(self._plain)))
+                self._plain[key] = self._build(L, sinks, window, None, device)
+            return self._plain[key]
+        doc_key = _document_key(documents)
+        key = None if doc_key is None else (*doc_key, L, sinks, window)
+        if key is not None and self._document is not None and self._document[0] == key:
+            return self._document[2]
+        mask = self._build(L, sinks, window, documents, device)
+        self._document = None if key is None else (key, documents, mask)
+        return mask
+
+    def clear(self) -> None:
+        """Drop every cached mask."""
+        self._plain.clear()
+        self._document = None
+
+    def _build(self, L: int, sinks: int, window: int | None, documents: Tensor | None,
+               device: torch.device) -> BlockMask:
+        self.builds += 1
+        layout = mask_layout(L, L, window=window, documents=documents, sinks=sinks, positions=None, device=device)
+        return build_block_mask(layout)
+
+
+BLOCK_MASKS = BlockMaskCache()
+
+
+@functools.cache
+def compiled_flex_attention() -> Callable[..., object]:
+    """``flex_attention`` compiled once per process (recompiled by dynamo per new shape/dtype).
+
+    ``fullgraph=True``: a graph break would fall back to the unfused flex path, which
+    materialises the Lq × Lk scores; failing loudly is better.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask | None = None, scale: float | None = None,
+             enable_gqa: bool = False, return_aux: AuxRequest | None = None) -> object:
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                              return_aux=return_aux, kernel_options=GPU_KERNEL_OPTIONS)
+
+    return torch.compile(flex, fullgraph=True)
+
+
+def block_mask_of(q: Tensor, k: Tensor, window: int | None, documents: Tensor | None, sinks: int,
+                  positions: Positions | None, cache: BlockMaskCache | None) -> BlockMask:
+    """The call's block mask: cached without positions, built per call with them."""
+    if positions is None:
+        return (BLOCK_MASKS if cache is None else cache).get(q.shape[2], sinks, window, documents, q.device)
+    layout = mask_layout(q.shape[2], k.shape[2], window=window, documents=documents, sinks=sinks,
+                         positions=positions, device=q.device)
+    return build_block_mask(layout)
+
+
+def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
+                           documents: Tensor | None = None, sinks: int = 0, positions: Positions | None = None,
+                           scale: float | None = None, flex_fn: Callable[..., Tensor] | None = None,
+                           cache: BlockMaskCache | None = None) -> Tensor:
+    """Op ``attention`` through one flex_attention call (same contract).
+
+    A query that sees no key gets zeros (flex_attention's convention for fully masked rows;
+    checking would sync with the host).
+
+    Args:
+        flex_fn: the flex_attention callable; defaults to :func:`compiled_flex_attention`.
+            Tests pass the eager one to run the same block mask and mask_mod on CPU.
+        cache: block-mask cache of calls without positions; defaults to :data:`BLOCK_MASKS`.
+    """
+    check_inputs(q, k, v, window, documents, sinks, positions)
+    block_mask = block_mask_of(q, k, window, documents, sinks, positions, cache)
+    flex = compiled_flex_attention() if flex_fn is None else flex_fn
+    return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def flex_available() -> Check:
+    """flex_attention exists in this torch and triton is installed (nothing is imported)."""
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return False, f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
+    return triton_available("cuda")
+
+
+def verify_flex(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None, documents: Tensor | None = None,
+                sinks: int = 0, positions: Positions | None = None, scale: float | None = None) -> Check:
+    """Accept CUDA calls in fp16/bf16/fp32 with a head dim the flex kernels are tuned for, every
+    index tensor on q's device."""
+    index = (documents,) if positions is None else (documents, *vars(positions).values())
+    tensors = [q, k, v, *(t for t in index if t is not None)]
+    if any(t.device.type != "cuda" for t in tensors):
+        return False, "flex_attention kernels need CUDA tensors"
+    if any(t.device != q.device for t in tensors):
+        return False, "q, k, v, documents and positions must be on one device"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in FLEX_DTYPES:
+        return False, f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: need one of {FLEX_DTYPES}"
+    if q.shape[-1] not in FLEX_HEAD_DIMS:
+        return False, f"head dim {q.shape[-1]} not in {FLEX_HEAD_DIMS}"
+    import torch._dynamo as dynamo  # deferred: dynamo is heavy and only the GPU path needs it
+
+    if dynamo.config.disable:
+        return False, "torch.compile is disabled (TORCH_COMPILE_DISABLE): flex would run unfused"
+    return True, "accepted"

@@ -1,0 +1,85 @@
+"""Sequence parallelism below the model: the SP context the ops take, and its collectives.
+
+``SPContext`` names the group that sequences are split over (the user's ``parallel.sp``; in
+the code always ``sp`` for the context and ``sp.group`` for the group) and this rank's place
+in it. The ops that mix tokens take it as ``sp=``: ``ops.attention.attention(..., sp=ctx)``
+and ``ops.gla.gla(..., sp=ctx)``. It is unrelated to Megatron's tensor-parallel
+``sequence_parallel`` (activations split over the TP group between layers).
+
+The collectives are autograd-aware where gradients must cross ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+
+@dataclass(frozen=True)
+class SPContext:
+    """Sequences split over ``group``: rank r holds the r-th contiguous slice of every sequence
+    (rank order = sequence order).
+
+    Attributes:
+        group: the sequence-parallel process group (size > 1).
+        lengths: every rank's slice length, when the caller knows them; None: the ops
+            all-gather them per call (slices may differ in length).
+    """
+
+    group: ProcessGroup
+    lengths: tuple[int, ...] | None = None
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def slice_lengths(self, local: int, device: torch.device) -> list[int]:
+        """Every rank's slice length (``local`` is this rank's)."""
+        if self.lengths is not None:
+            return list(self.lengths)
+        return all_gather_values(torch.tensor([local], device=device), self.group).flatten().tolist()
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along a new leading rank axis; backward: all-reduce, keep this rank's slot.
+
+    The all-reduce (not a reduce-scatter) keeps it on gloo, which has no reduce-scatter.
+    Every rank must use the result in its graph (weight 0 is enough), so that every rank
+    joins the backward collective.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def all_gather_with_grad(x: Tensor, group) -> Tensor:
+    """[P, *x.shape]: every rank's ``x``, differentiable (see ``_AllGather``)."""
+    return _AllGather.apply(x, group)
+
+
+def all_gather_values(x: Tensor, group) -> Tensor:
+    """[P, *x.shape]: every rank's ``x`` (no gradient), e.g. lengths or segment ids."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.stack(parts)
