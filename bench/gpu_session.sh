@@ -25,7 +25,18 @@ step() {  # step NAME SECONDS CMD...: one command, its own limit and log
   local rc=$?
   echo "   rc=$rc after $((SECONDS - start)) s" | tee -a "$out/session.log"
   tail -n 25 "$out/$name.log"
+  flatten "$out/$name"
   [ "$rc" -ne 0 ] && status=1
+}
+
+flatten() {  # the device tool fetches only shallow files: copy each run's logs/json up to $out
+  local dir="$1" file flat
+  [ -d "$dir" ] || return 0
+  find "$dir" -mindepth 2 -type f \( -name "*.log" -o -name "*.json" -o -name "*.txt" \) -size -2M |
+    while read -r file; do
+      flat="${file#"$out"/}"
+      cp "$file" "$out/${flat//\//__}"
+    done
 }
 
 # the 7B-width step at 8 layers, 8K, global batch 8 (issue 14 item 7 targets >= 45% MFU)
