@@ -18,6 +18,7 @@ from fla.ops.common.chunk_h import chunk_fwd_h
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 from fla.ops.utils.constant import RCP_LN2
 from fla.ops.utils.cumsum import chunk_local_cumsum
+from fla.utils import input_guard
 from torch import Tensor
 
 from ops.gla.gqa_kernels import gqa_fwd_A_inter, gqa_fwd_A_intra, gqa_fwd_o
@@ -141,6 +142,7 @@ class ChunkGLAGQAFunction(torch.autograd.Function):
     """Autograd of the composition; saves q, k, v, g, h0 and A, recomputes the states (as fla)."""
 
     @staticmethod
+    @input_guard  # contiguous inputs, launches on the inputs' device (as fla's ChunkGLAFunction)
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
         BT = chunk_size_for(q.shape[1])
         chunk_indices = prepare_chunk_indices(cu_seqlens, BT) if cu_seqlens is not None else None
@@ -153,11 +155,10 @@ class ChunkGLAGQAFunction(torch.autograd.Function):
         return o, ht
 
     @staticmethod
+    @input_guard
     def backward(ctx, do, dht):
         q, k, v, g, h0, A, cu_seqlens, chunk_indices = ctx.saved_tensors
         scale, BT = ctx.scale, ctx.BT
-        do = do.contiguous()
-        dht = dht.contiguous() if dht is not None else None
         gc = chunk_local_cumsum(g, BT, scale=RCP_LN2, cu_seqlens=cu_seqlens)
         h, _ = _states(k, v, gc, h0, False, cu_seqlens, BT, fp32=True)
         dh, dh0 = bwd_dh(q, k, gc, do, h0, dht, scale, cu_seqlens, BT)
@@ -166,6 +167,7 @@ class ChunkGLAGQAFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), None, dh0, None, None
 
 
+@torch.compiler.disable  # Triton launches with autotuning, as fla's chunk_gla
 def chunk_gla_gqa(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | None = None,
                   initial_state: Tensor | None = None, output_final_state: bool = False,
                   cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

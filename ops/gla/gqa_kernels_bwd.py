@@ -16,6 +16,16 @@ from fla.utils import autotune_cache_kwargs
 from ops.gla.gqa_kernels import VARLEN, autotune_configs, chunk_bounds, exp2, global_chunk
 
 
+def prune_tiles(configs, nargs, **kwargs):
+    """fla's rule for its dv and inter kernels: keep a tile only if it is smaller than its head dim
+    or the smallest option (a software-pipelined block load must not prefetch past the tensor)."""
+    args = {**(nargs or {}), **kwargs}
+    min_bk = min(c.kwargs["BK"] for c in configs)
+    min_bv = min(c.kwargs["BV"] for c in configs)
+    return [c for c in configs if (c.kwargs["BK"] < args["K"] or c.kwargs["BK"] == min_bk)
+            and (c.kwargs["BV"] < args["V"] or c.kwargs["BV"] == min_bv)]
+
+
 # ------------------------------------------------------------- backward: state gradient dh
 
 
@@ -111,7 +121,7 @@ def gqa_bwd_dA(v, do, dA, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr, 
 
 @VARLEN
 @triton.autotune(configs=autotune_configs({"BK": (32, 64), "BV": (32, 64)}, (4, 8), (2, 3)), key=["BT", "K", "V", "G"],
-                  **autotune_cache_kwargs)
+                  prune_configs_by={"early_config_prune": prune_tiles}, **autotune_cache_kwargs)
 @triton.jit(do_not_specialize=["T"])
 def gqa_bwd_dv(k, g, A, do, dh, dv, cu_seqlens, chunk_indices, T, H: tl.constexpr, G: tl.constexpr,
                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -251,7 +261,7 @@ def gqa_bwd_intra(q, k, g, dA, dq, dk, cu_seqlens, chunk_indices, T, H: tl.const
 
 @VARLEN
 @triton.autotune(configs=autotune_configs({"BK": (32, 64), "BV": (32, 64)}, (4, 8), (2, 3)), key=["BT", "K", "V", "G"],
-                  **autotune_cache_kwargs)
+                  prune_configs_by={"early_config_prune": prune_tiles}, **autotune_cache_kwargs)
 @triton.jit(do_not_specialize=["T"])
 def gqa_bwd_inter(q, k, v, g, h, do, dh, dq, dk, dq2, dk2, dg, cu_seqlens, chunk_indices, scale, T,
                   H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
