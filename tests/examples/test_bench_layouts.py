@@ -1,5 +1,6 @@
-"""bench/bench_layouts.py (issue 8's multi-GPU comparison) runs its layouts against one device
-and reports the loss drift and scaling; on CPU ranks (gloo, fp32) the drift is ~1e-6."""
+"""bench/bench_layouts.py (the multi-GPU comparison of issues 8 and 18) runs its layouts against
+one device and reports the loss drift, scaling and the DP reduction's share of the step, with
+and without overlap; on CPU ranks (gloo, fp32) the drift is ~1e-6."""
 
 from __future__ import annotations
 
@@ -23,12 +24,16 @@ def test_bench_layouts_compares_layouts_with_one_device(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     out = tmp_path / "out"
     config = write_config(tmp_path, "tiny76b", SHAPE_76B)   # hidden 32, 16 tokens, sinks, MoE
-    code = _bench().main([str(config), "--layouts", "sp2_dp2", "--steps", "2", "--out", str(out)])
+    code = _bench().main([str(config), "--layouts", "sp2_ep2", "--overlap", "both",
+                          "--steps", "2", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert code == 0, results
-    one, sp2_dp2 = results
+    one, sp2_ep2, no_overlap = results
     assert one["name"] == "one" and one["devices"] == 1 and len(one["losses"]) == 2
-    assert sp2_dp2["devices"] == 4 and sp2_dp2["max_loss_diff"] < 1e-5
-    # 4 ranks' tokens/s over 4 x one rank's, from the profiler's own medians
-    expected = sp2_dp2["tokens_per_s"] / (4 * one["tokens_per_s"])
-    assert abs(sp2_dp2["scaling_efficiency"] - expected) < 1e-12 and expected > 0
+    assert no_overlap["name"] == "sp2_ep2+no_overlap"
+    for r in (sp2_ep2, no_overlap):
+        assert r["devices"] == 2 and r["max_loss_diff"] < 1e-5
+        # 2 ranks' tokens/s over 2 x one rank's, from the profiler's own medians
+        expected = r["tokens_per_s"] / (2 * one["tokens_per_s"])
+        assert abs(r["scaling_efficiency"] - expected) < 1e-12 and expected > 0
+        assert 0 < r["grad_reduce_share"] < 1  # the DP reduction's share of the step
