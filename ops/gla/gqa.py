@@ -19,8 +19,10 @@ from ops.backends import Backend, Check, OpRegistry
 from ops.gla.fla_backend import fla_available, fla_verifier
 
 BACKEND_NAME = "gqa_chunk"
-# above fla_chunk (vendor, 20): for grouped calls this path does strictly less work
-PRIORITY = 30
+# below fla_chunk (vendor, 20) until it has run on a GPU: for grouped calls it does strictly less
+# work, but its kernels were proven only in Triton's CPU interpreter and have no stored tuning yet
+# (a first call would autotune ~100 configs). Opt in with SB_OP_BACKEND_GLA=gqa_chunk.
+PRIORITY = 10
 # the diagonal intra-chunk kernel holds a whole [16, K] block (fla splits K beyond 256)
 MAX_HEAD_DIM = 256
 

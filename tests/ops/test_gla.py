@@ -220,7 +220,7 @@ def test_dispatch_on_cpu_selects_torch_reference():
     args = (inputs["q"], inputs["k"], inputs["v"], inputs["g"])
     assert gla.registry.select(*args).name == "torch"
     assert gla.registry.select(*args, initial_state=inputs["initial_state"]).name == "torch"
-    assert [(b.name, b.kind) for b in gla.registry.backends] == [("gqa_chunk", "triton"), (BACKEND_NAME, "vendor"),
+    assert [(b.name, b.kind) for b in gla.registry.backends] == [(BACKEND_NAME, "vendor"), ("gqa_chunk", "triton"),
                                                                    ("torch", "torch")]
     ok, reason = fla_verifier(*args)
     assert not ok and "GPU" in reason
@@ -268,7 +268,7 @@ GPU_TOLS = {torch.float32: (5e-3, {"dg": 1e-2}), torch.bfloat16: (2e-2, {"dg": 3
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
 def test_fla_matches_recurrent(case, dtype, monkeypatch):
-    # grouped calls dispatch to gqa_chunk (test_gla_gqa.py) by default: force fla's kernel here
+    # gqa_chunk (test_gla_gqa.py) serves grouped calls when forced: pin fla's kernel here
     monkeypatch.setenv("SB_OP_BACKEND_GLA", BACKEND_NAME)
     B, T, H, Hkv, K, V, bounds, h0, gate_div = case
     cu = None if bounds is None else torch.tensor(bounds, dtype=torch.long, device="cuda")

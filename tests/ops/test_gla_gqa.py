@@ -74,10 +74,11 @@ def test_gqa_equals_expanded_heads_with_group_summed_grads(bounds):
     assert_all_close(got, ref, 1e-5)
 
 
-def test_backend_registered_above_fla_and_cpu_keeps_torch():
+def test_backend_registered_opt_in_below_fla_and_cpu_keeps_torch():
     backends = {b.name: b for b in gla.registry.backends}
     assert GQA_NAME in backends and FLA_NAME in backends
-    assert backends[GQA_NAME].priority > backends[FLA_NAME].priority
+    # opt-in (SB_OP_BACKEND_GLA=gqa_chunk) until measured on a GPU: see ops/gla/gqa.py
+    assert backends[GQA_NAME].priority < backends[FLA_NAME].priority
     assert backends[GQA_NAME].platforms == ("cuda", "maca")
     inputs = make_inputs(1, 16, 4, 2, 16, 16)
     args = (inputs["q"], inputs["k"], inputs["v"], inputs["g"])
@@ -128,7 +129,8 @@ def _gpu_inputs(case, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
-def test_gqa_matches_recurrent(case, dtype):
+def test_gqa_matches_recurrent(case, dtype, monkeypatch):
+    monkeypatch.setenv("SB_OP_BACKEND_GLA", GQA_NAME)
     inputs, cu = _gpu_inputs(case, dtype)
     args = (inputs["q"], inputs["k"], inputs["v"], inputs["g"])
     assert gla.registry.select(*args, initial_state=inputs["initial_state"], cu_seqlens=cu).name == GQA_NAME
@@ -145,6 +147,7 @@ def test_gqa_matches_recurrent(case, dtype):
 def test_gqa_agrees_with_fla_on_expanded_inputs(dtype, monkeypatch):
     """Same kernel math as fla's chunk_gla: the two agree far more closely than either with fp32."""
     inputs, cu = _gpu_inputs(GPU_CASES["varlen-T1000-gqa4-h0"], dtype)
+    monkeypatch.setenv("SB_OP_BACKEND_GLA", GQA_NAME)
     got = fwd_bwd(gla, inputs, cu_seqlens=cu)
     monkeypatch.setenv("SB_OP_BACKEND_GLA", FLA_NAME)
     fla = fwd_bwd(gla, inputs, cu_seqlens=cu)
@@ -152,7 +155,8 @@ def test_gqa_agrees_with_fla_on_expanded_inputs(dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gqa_bf16_inputs_with_fp32_gate_and_no_state():
+def test_gqa_bf16_inputs_with_fp32_gate_and_no_state(monkeypatch):
+    monkeypatch.setenv("SB_OP_BACKEND_GLA", GQA_NAME)
     # the model layer computes the log decay in fp32 and q, k, v in bf16, without states
     inputs = make_inputs(1, 300, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda", h0=False, gate_div=16.0)
     inputs["g"] = inputs["g"].float()
