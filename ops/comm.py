@@ -35,6 +35,10 @@ class SPContext:
 
     group: ProcessGroup
     lengths: tuple[int, ...] | None = None
+    softmax_exchange: str = "tails"
+    """How softmax attention gets earlier slices' keys (``ops.attention.sequence_parallel``
+    EXCHANGES): ``tails`` (all-gather every rank's tail) or ``halo`` (send/recv from the
+    previous rank only, when every slice holds at least one window)."""
 
     @property
     def rank(self) -> int:
@@ -83,3 +87,44 @@ def all_gather_values(x: Tensor, group) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.stack(parts)
+
+
+class _FromPrevious(torch.autograd.Function):
+    """Forward: send ``x`` to the next rank and receive the previous rank's (zeros on the
+    first rank); backward: the reverse, each gradient back to the rank it came from (zeros for
+    the last rank's ``x``, which nobody received)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return _shift(x, group, step=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _shift(grad, ctx.group, step=-1), None
+
+
+def _shift(x: Tensor, group, step: int) -> Tensor:
+    """Send ``x`` to rank + step, receive from rank - step (ranks outside the group: none)."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    received = torch.zeros_like(x)
+    ops = []
+    if 0 <= rank + step < size:
+        ops.append(dist.P2POp(dist.isend, x.contiguous(), dist.get_global_rank(group, rank + step),
+                              group))
+    if 0 <= rank - step < size:
+        ops.append(dist.P2POp(dist.irecv, received, dist.get_global_rank(group, rank - step), group))
+    for request in dist.batch_isend_irecv(ops) if ops else []:
+        request.wait()
+    return received
+
+
+def from_previous_rank(x: Tensor, group) -> Tensor:
+    """The previous rank's ``x`` (zeros on the first rank), differentiable: one send and one
+    receive per rank each way instead of an all-gather (see ``_FromPrevious``)."""
+    return _FromPrevious.apply(x, group)
+
+
+def from_previous_rank_values(x: Tensor, group) -> Tensor:
+    """The previous rank's ``x`` (zeros on the first rank), no gradient (e.g. document ids)."""
+    return _shift(x, group, step=1)

@@ -32,12 +32,14 @@ from ops.comm import SPContext
 SLICED_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
 
 
-def sp_context(pg_collection) -> SPContext | None:
+def sp_context(pg_collection, softmax_exchange: str = "tails") -> SPContext | None:
     """The SP context of the group sequences are split over (``parallel.sp``; Megatron's
     context-parallel group ``pg_collection.cp``), or None when sequences are whole (sp 1):
-    what the mixers pass to the ops as ``sp=``."""
+    what the mixers pass to the ops as ``sp=`` (``parallel.sp_softmax_exchange``)."""
     sp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-    return SPContext(sp_group) if sp_group is not None and sp_group.size() > 1 else None
+    if sp_group is None or sp_group.size() == 1:
+        return None
+    return SPContext(sp_group, softmax_exchange=softmax_exchange)
 
 
 def slice_bounds(seq_length: int, rank: int, size: int) -> tuple[int, int]:

@@ -208,6 +208,11 @@ class ParallelConfig:
     bucket_size: int = 0
     """Elements per gradient / parameter bucket of the overlapped communication; 0: Megatron's
     default, max(40M, 1M x dp). Ignored when neither overlap is on (one bucket)."""
+    sp_softmax_exchange: str = "tails"
+    """How sliding-window softmax layers get earlier slices' keys under sp > 1
+    (ops/attention/sequence_parallel.py): ``tails`` (every rank all-gathers every rank's last
+    window) or ``halo`` (send/recv from the previous rank only, when every slice holds at least
+    one window; otherwise tails). Full attention always gathers (tails)."""
 
     def __post_init__(self) -> None:
         for name in ("pp", "tp", "ep", "sp"):
@@ -222,6 +227,9 @@ class ParallelConfig:
                 raise ConfigError(f"expected true, false or auto, got {getattr(self, name)!r}",
                                   key=f"parallel.{name}")
         check_at_least(self, "parallel", 0, ("bucket_size",))
+        if self.sp_softmax_exchange not in ("tails", "halo"):
+            raise ConfigError(f"unknown exchange {self.sp_softmax_exchange!r}; known: tails, halo",
+                              key="parallel.sp_softmax_exchange")
 
     def resolved_dp(self, world_size: int) -> int:
         return self.dp or world_size // (self.pp * self.tp * self.sp)

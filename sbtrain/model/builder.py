@@ -26,7 +26,8 @@ def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, pp_rank=pp_rank)
-    specs = build_layer_specs(cfg.model, cfg.spiking)[offset: offset + count]
+    specs = build_layer_specs(cfg.model, cfg.spiking,
+                              cfg.parallel.sp_softmax_exchange)[offset: offset + count]
     block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=WrappedTorchNorm)
     model_class, extra = GPTModel, {}
     if cfg.model.sink_tokens:

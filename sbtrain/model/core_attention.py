@@ -36,7 +36,7 @@ class SoftmaxCoreAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
                  cp_comm_type: str | None = None, softmax_scale: float | None = None,
                  pg_collection=None, window: int | None = None, query_neuron=None,
-                 sink_tokens: int = 0) -> None:
+                 sink_tokens: int = 0, softmax_exchange: str = "tails") -> None:
         super().__init__(config=config)
         tp = pg_collection.tp.size() if pg_collection is not None else 1
         self.heads_per_partition = config.num_attention_heads // tp
@@ -46,7 +46,7 @@ class SoftmaxCoreAttention(MegatronModule):
         # Spiking (W8ASpike): sliding-window layers spike their queries, per token and head.
         self.query_neuron = query_neuron
         self.sink_tokens = sink_tokens
-        self.sp = sp_context(pg_collection)
+        self.sp = sp_context(pg_collection, softmax_exchange)
         self.layer_number = layer_number
 
     def neuron_sites(self) -> dict[str, torch.nn.Module | None]:

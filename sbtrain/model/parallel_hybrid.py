@@ -54,7 +54,7 @@ class ParallelHybridAttention(MegatronModule):
     def __init__(self, config, submodules: ProjectionSubmodules, layer_number: int,
                  pg_collection=None, window: int | None = None, shared_projections: bool = True,
                  sink_tokens: int = 0, add_qkv_bias: bool = True, query_neuron=None,
-                 **unused) -> None:
+                 softmax_exchange: str = "tails", **unused) -> None:
         super().__init__(config=config)
         tp_group = pg_collection.tp
         self.layer_number = layer_number
@@ -63,7 +63,7 @@ class ParallelHybridAttention(MegatronModule):
         self.shared_projections = shared_projections
         self.query_neuron = query_neuron
         self.tp_group = tp_group
-        self.sp = sp_context(pg_collection)
+        self.sp = sp_context(pg_collection, softmax_exchange)
         self.norm_eps = config.layernorm_epsilon
         self.linear_qkv, self.linear_proj = attention_projections(config, submodules, add_qkv_bias,
                                                                   tp_group)

@@ -46,9 +46,12 @@ class SpecProvider(BackendSpecProvider):
     routed_experts: type = GroupedExperts
     """The MoE's experts slot (a test swaps in Megatron's SequentialMLP to compare keys)."""
 
-    def __init__(self, model: ModelConfig, neuron: Neuron | None = None) -> None:
+    def __init__(self, model: ModelConfig, neuron: Neuron | None = None,
+                 softmax_exchange: str = "tails") -> None:
         self.model = model
         self.neuron = neuron
+        self.softmax_exchange = softmax_exchange
+        """parallel.sp_softmax_exchange: how softmax mixers exchange keys under sp > 1."""
 
     # -- Megatron's BackendSpecProvider questions -------------------------------------------
     def column_parallel_linear(self) -> type:
@@ -76,7 +79,8 @@ class SpecProvider(BackendSpecProvider):
         """Softmax core attention; sliding-window layers spike their queries (W8ASpike)."""
         return functools.partial(SoftmaxCoreAttention, window=window,
                                  sink_tokens=self.model.sink_tokens,
-                                 query_neuron=self._window_neuron(window))
+                                 query_neuron=self._window_neuron(window),
+                                 softmax_exchange=self.softmax_exchange)
 
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool) -> Callable:
         """Routed experts: SequentialMLP's parameters, one grouped GEMM (``GroupedExperts``)."""
@@ -126,7 +130,8 @@ class SpecProvider(BackendSpecProvider):
             module=ParallelHybridAttention,
             params=dict(window=window, shared_projections=self.model.hybrid.shared_projections,
                         sink_tokens=self.model.sink_tokens, add_qkv_bias=self.model.qkv_bias,
-                        query_neuron=self._window_neuron(window)),
+                        query_neuron=self._window_neuron(window),
+                        softmax_exchange=self.softmax_exchange),
             submodules=self._projections())
 
     def mlp(self, ffn: str) -> Callable:
@@ -162,12 +167,14 @@ MIXERS: dict[str, Callable[[SpecProvider], ModuleSpec]] = {
 }
 
 
-def build_layer_specs(model: ModelConfig, spiking: SpikingConfig | None = None) -> list:
-    """One TransformerLayer spec per layer of ``model.pattern`` (spiking linears if enabled)."""
+def build_layer_specs(model: ModelConfig, spiking: SpikingConfig | None = None,
+                      softmax_exchange: str = "tails") -> list:
+    """One TransformerLayer spec per layer of ``model.pattern`` (spiking linears if enabled;
+    ``softmax_exchange``: parallel.sp_softmax_exchange)."""
     neuron = None
     if spiking is not None and spiking.enabled:
         neuron = Neuron(spiking.k, spiking.vth_min, spiking.vth_max)
-    provider = SpecProvider(model, neuron)
+    provider = SpecProvider(model, neuron, softmax_exchange)
     specs = []
     for index, (mixer, ffn) in enumerate(model.layers):
         if mixer not in MIXERS:

@@ -39,13 +39,13 @@ def _reference(q, k, v, weight, window, segments):
     return out.detach(), [t.grad for t in leaves]
 
 
-def _sp():
+def _sp(exchange: str = "tails"):
     from ops.comm import SPContext
 
-    return SPContext(dist.group.WORLD)
+    return SPContext(dist.group.WORLD, softmax_exchange=exchange)
 
 
-def _check(rank, world, window, documents):
+def _check(rank, world, window, documents, exchange="tails"):
     from ops.attention import attention
 
     q, k, v, weight, segments = _inputs()
@@ -54,8 +54,12 @@ def _check(rank, world, window, documents):
     lo, hi = _bounds(world)[rank:rank + 2]
     mine = [t[:, :, lo:hi].clone().requires_grad_() for t in (q, k, v)]
     seg = None if segments is None else segments[:, lo:hi]
-    out = attention(*mine, window=window, documents=seg, sp=_sp(), scale=SCALE)
-    (out * weight[:, :, lo:hi]).sum().backward()
+    with _counting_all_gathers() as gathers:
+        out = attention(*mine, window=window, documents=seg, sp=_sp(exchange), scale=SCALE)
+        (out * weight[:, :, lo:hi]).sum().backward()
+    if exchange == "halo":  # send/recv only when every slice holds a window; else the tails
+        slices = [b - a for a, b in zip(_bounds(world), _bounds(world)[1:])]
+        assert (gathers["keys"] == 0) == (window is not None and min(slices) >= window), gathers
     torch.testing.assert_close(out, ref_out[:, :, lo:hi], rtol=1e-6, atol=1e-6)
     for name, leaf, ref in zip("qkv", mine, ref_grads):
         torch.testing.assert_close(leaf.grad, ref[:, :, lo:hi], rtol=1e-6, atol=1e-6,
@@ -67,17 +71,42 @@ def _check(rank, world, window, documents):
 # (the whole 3 x 2 x 2 product took 90 s of the CI budget for little more coverage).
 CASES = [(None, 2, True), (None, 4, False), (3, 2, False), (3, 4, True), (8, 4, True),
          (8, 4, False)]
+# the send/recv halo (slices >= window: 3 at sp 2 and 4, 5 at sp 4) and its fallback to the
+# tails (window 8 > the sp 4 slices; full attention)
+HALO_CASES = [(3, 2, True), (3, 4, False), (5, 4, True), (8, 4, True), (None, 2, False)]
 
 
-def _case_id(window, world, documents):
-    return f"{window or 'full'}-sp{world}-{'docs' if documents else 'one_doc'}"
+def _case_id(window, world, documents, exchange="tails"):
+    halo = "-halo" if exchange == "halo" else ""
+    return f"{window or 'full'}-sp{world}-{'docs' if documents else 'one_doc'}{halo}"
 
 
-SINK_CASES = [(None, 2), (3, 4)]
+class _counting_all_gathers:
+    """Counts the differentiable all-gathers of keys the exchange issues."""
+
+    def __enter__(self):
+        from ops.attention import sequence_parallel
+
+        self.module, self.original = sequence_parallel, sequence_parallel.all_gather_with_grad
+        counts = self.counts = {"keys": 0}
+
+        def counted(*args, **kwargs):
+            counts["keys"] += 1
+            return self.original(*args, **kwargs)
+
+        sequence_parallel.all_gather_with_grad = counted
+        return counts
+
+    def __exit__(self, *exc):
+        self.module.all_gather_with_grad = self.original
 
 
-def _sink_case_id(window, world):
-    return f"{'window' + str(window) if window else 'full'}-sp{world}"
+SINK_CASES = [(None, 2), (3, 4), (3, 4, "halo")]
+
+
+def _sink_case_id(window, world, exchange="tails"):
+    halo = "-halo" if exchange == "halo" else ""
+    return f"{'window' + str(window) if window else 'full'}-sp{world}{halo}"
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +117,9 @@ def results(tmp_path_factory):
     for world in (2, 4):
         cases = {_case_id(*case): (_check, case[0], case[2]) for case in CASES
                  if case[1] == world}
-        cases.update({"sinks-" + _sink_case_id(*case): (_sink_check, case[0])
+        cases.update({_case_id(*case, "halo"): (_check, case[0], case[2], "halo")
+                      for case in HALO_CASES if case[1] == world})
+        cases.update({"sinks-" + _sink_case_id(*case): (_sink_check, case[0], *case[2:])
                       for case in SINK_CASES if case[1] == world})
         out.update(spawn_cases(tmp, world, cases))
     return out
@@ -99,10 +130,17 @@ def test_sequence_parallel_attention_matches_one_process(case, results):
     assert results[case] == "", results[case]
 
 
+@pytest.mark.parametrize("case", [_case_id(*c, "halo") for c in HALO_CASES])
+def test_send_recv_halo_matches_one_process(case, results):
+    """SPContext.softmax_exchange = halo: outputs and q/k/v gradients as on one process, with
+    no all-gather of keys when every slice holds a window."""
+    assert results[case] == "", results[case]
+
+
 S = 3  # sink tokens
 
 
-def _sink_check(rank, world, window):
+def _sink_check(rank, world, window, exchange="tails"):
     from ops.attention import attention, naive_attention
 
     q, k, v, weight, segments = _inputs()
@@ -118,7 +156,7 @@ def _sink_check(rank, world, window):
     mine = [t[:, :, lo:hi].clone().requires_grad_() for t in (q, k, v)]
     sinks = [t.clone().requires_grad_() for t in (k_sink, v_sink)]
     got = attention(*(torch.cat([s, t], dim=2) for s, t in zip((q_sink, *sinks), mine)), window=window,
-                    documents=segments[:, lo:hi], sinks=S, sp=_sp(), scale=SCALE)
+                    documents=segments[:, lo:hi], sinks=S, sp=_sp(exchange), scale=SCALE)
     out = got[:, :, S:]
     (out * weight[:, :, lo:hi]).sum().backward()
     # the sink rows (sinks see each other only) are the same on every rank

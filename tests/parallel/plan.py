@@ -53,6 +53,10 @@ LAYOUTS = {
     ("7b", "sp2_dp2"): (4, {"parallel.sp": 2, "train.loss_chunk_tokens": 5}),
     ("7b", "sp2_pp2"): (4, {"parallel.sp": 2, "parallel.pp": 2}),
     ("76b", "sp2_ep2"): (2, {"parallel.sp": 2, "parallel.ep": 2}),
+    # the send/recv halo (parallel.sp_softmax_exchange): H layers' window 4 <= the 8-token
+    # slices takes it, F layers (full attention) keep the all-gather
+    ("76b", "sp2_ep2_halo"): (2, {"parallel.sp": 2, "parallel.ep": 2,
+                                  "parallel.sp_softmax_exchange": "halo"}),
     ("76b", "sp4"): (4, {"parallel.sp": 4, "train.loss_chunk_tokens": 5}),
     ("76b", "sp2_dp2"): (4, {"parallel.sp": 2}),
     ("76b", "sp2_pp2"): (4, {"parallel.sp": 2, "parallel.pp": 2}),
