@@ -45,6 +45,8 @@ SHAPES = {"7b": {**COMMON, "model.pattern": "L-W-L-W-"},
 LAYOUTS = {  # the SpikingBrain-7B is dense: no expert-parallel layouts for it
     "dp2": {}, "pp2": {"parallel.pp": 2}, "sp2": {"parallel.sp": 2},
     "dp2_ep2": {"parallel.ep": 2}, "sp2_ep2": {"parallel.sp": 2, "parallel.ep": 2},
+    # the softmax halo by send/recv (NCCL P2P) instead of the all-gather
+    "sp2_ep2_halo": {"parallel.sp": 2, "parallel.ep": 2, "parallel.sp_softmax_exchange": "halo"},
 }
 PRECISIONS = ("bf16", "fp32")
 TOLERANCE = {"bf16": 2e-4, "fp32": 1e-5, "fp32_sp": 5e-5}
