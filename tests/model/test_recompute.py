@@ -3,15 +3,13 @@ recomputes what it claims (the GLA / parallel-hybrid mixer cores, the FFNs' SwiG
 
 In-process (gloo world of 1, CPU, fp32): one forward + backward of the tiny 7B (``L``/``W``,
 documents) and tiny 76B (``H``/``F``, MoE, sinks) models per policy, every gradient compared.
-One subprocess per model then trains 3 steps per policy (config stages) and compares the
+One forked rank per model (tests/parallel/rank_server.py) then trains 3 steps per policy (config stages) and compares the
 logged losses and grad norms.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,14 +23,13 @@ from sbtrain.model.gla import GatedLinearAttention
 from sbtrain.model.parallel_hybrid import ParallelHybridAttention
 from ops.documents import segment_ids_from_tokens
 from tests.model.test_hybrid_model import random_model
-from tests.parallel.harness import REPO, launch_env, metrics
+from tests.parallel.harness import REPO, launch, metrics
 
 CONFIGS = {"7b": REPO / "examples/configs/spikingbrain_7b_tiny.yaml",
            "76b": REPO / "examples/configs/spikingbrain_76b_tiny.yaml"}
 # in-process: one layer of each mixer kind is enough (and quicker to build)
 SHORT_PATTERNS = {"7b": "L-W-", "76b": "H-FE"}
 POLICIES = ("none", "selective", "full")
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SEQ = 32
 
 
@@ -132,12 +129,11 @@ def three_step_config(tmp: Path, name: str) -> Path:
 def test_policies_train_identically(tmp_path, name):
     # auto, resolved at train start against the host's memory, picks none for a tiny model
     policies = (*POLICIES, "auto") if name == "7b" else POLICIES
-    cmd = [sys.executable, "-c", DRIVER, str(three_step_config(tmp_path, name)), str(tmp_path),
-           *policies]
-    # a fresh one-rank group: not the address this pytest process's own group (if any) holds
-    env = {k: v for k, v in launch_env().items() if k not in DIST_ENV}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    # one forked rank of the harness (its own one-rank group on a fresh port)
+    proc = launch(three_step_config(tmp_path, name), 1, [str(tmp_path), *policies],
+                  timeout=600, entry=[str(driver)])
     assert proc.stdout.count("train.recompute auto -> none: cheapest policy that fits") == (
         name == "7b")
     curves = {p: metrics(tmp_path / p) for p in policies}

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
+
+from tests.parallel.rank_server import RankServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,17 +65,50 @@ def torchrun_cmd(nproc: int, entry: list[str]) -> list[str]:
 
 
 def launch(config: Path, nproc: int, extra: list[str] | None = None, timeout: int = 300,
-           check: bool = True, env: dict | None = None,
-           entry: list[str] | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=nproc -m sbtrain.train config`` (or ``entry``
-    instead of ``-m sbtrain.train``)."""
-    cmd = torchrun_cmd(nproc, (entry or ["-m", "sbtrain.train"]) + [str(config)] + (extra or []))
-    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(env), capture_output=True, text=True,
-                          timeout=timeout)
+           check: bool = True, env: dict | None = None, entry: list[str] | None = None,
+           torchrun: bool = False) -> subprocess.CompletedProcess:
+    """``nproc`` ranks of ``sbtrain.train config extra`` (or ``entry`` instead of
+    ``-m sbtrain.train``), forked from the session's pre-imported rank server
+    (``tests/parallel/rank_server.py``); ``torchrun=True``: a real
+    ``torchrun --standalone --nproc_per_node=nproc`` launch (for tests of torchrun's behaviour)."""
+    args = [str(config)] + (extra or [])
+    entry = entry or ["-m", "sbtrain.train"]
+    if torchrun:
+        cmd = torchrun_cmd(nproc, entry + args)
+        proc = subprocess.run(cmd, cwd=REPO, env=launch_env(env), capture_output=True,
+                              text=True, timeout=timeout)
+    else:
+        cmd = [f"<{nproc} forked ranks>"] + entry + args
+        code, out, err = rank_server().launch(nproc, entry, args, launch_env(env), str(REPO),
+                                              _launch_logs(), timeout)
+        proc = subprocess.CompletedProcess(cmd, code, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
                              f"\n{proc.stderr[-6000:]}")
     return proc
+
+
+_SERVER: list[RankServer] = []
+
+
+def rank_server() -> RankServer:
+    """The session's rank server, started on first use, closed at exit."""
+    if not (_SERVER and _SERVER[0].alive()):
+        log = os.path.join(_launch_logs(), "server.log")
+        _SERVER[:] = [RankServer(launch_env(), str(REPO), log)]
+        atexit.register(_SERVER[0].close)
+    return _SERVER[0]
+
+
+def _launch_logs() -> str:
+    """Where the forked ranks' output files go (one temporary folder per session)."""
+    if not _LOG_DIR:
+        _LOG_DIR.append(tempfile.mkdtemp(prefix="sbtrain_ranks_"))
+        atexit.register(shutil.rmtree, _LOG_DIR[0], True)
+    return _LOG_DIR[0]
+
+
+_LOG_DIR: list[str] = []
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -94,9 +132,8 @@ def run_many(tmp: Path, nproc: int, runs: dict[str, dict], timeout: int = 600) -
 
     configs = [str(write_config(tmp, name, {k: fill(v) for k, v in overrides.items()}))
                for name, overrides in runs.items()]
-    cmd = torchrun_cmd(nproc, [str(REPO / "tests/parallel/multi_run.py")] + configs)
-    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = launch(configs[0], nproc, configs[1:], timeout=timeout, check=False,
+                  entry=[str(REPO / "tests/parallel/multi_run.py")])
     if proc.returncode != 0:
         raise AssertionError(f"{nproc}-rank launch of {list(runs)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

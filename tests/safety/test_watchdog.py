@@ -18,7 +18,8 @@ def test_stuck_rank_is_reported_with_stacks_by_every_rank(tmp_path):
     config = write_config(tmp_path, "hang", {"train.hang_timeout_minutes": HANG_S / 60,
                                              "train.train_iters": 4})
     start = time.monotonic()
-    proc = launch(config, 2, entry=["tests/safety/hang_run.py"], check=False, timeout=200)
+    proc = launch(config, 2, entry=["tests/safety/hang_run.py"], check=False, timeout=200,
+                  torchrun=True)  # its exit code is what torchrun reports
     assert proc.returncode != 0
     # the waiting rank sits in a collective, the stuck one in its sleep; both say so and exit
     err = proc.stderr
