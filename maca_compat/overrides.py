@@ -70,6 +70,53 @@ OVERRIDES: tuple[Override, ...] = (
         "permuted_probs) and SequentialMLP.local_experts[i].linear_fc1/linear_fc2",
         "one grouped GEMM over SequentialMLP's parameters and checkpoint layout",
         "test_sequential_mlp_forward_and_experts"),
+    Override(
+        "sbtrain.model.core_attention.SoftmaxCoreAttention",
+        "megatron.core.transformer.attention.Attention.__init__",
+        "Attention builds its core_attention slot with the keywords config, layer_number, "
+        "attn_mask_type, attention_type, cp_comm_type, softmax_scale, pg_collection and calls "
+        "it as (query, key, value, attention_mask, attn_mask_type=, attention_bias=, "
+        "packed_seq_params=)",
+        "sliding windows, sinks, documents and SP need sbtrain's attention op inside "
+        "Megatron's SelfAttention (its projections, RoPE and checkpoint keys stay stock)",
+        "test_core_attention_slot_protocol"),
+    Override(
+        "sbtrain.model.gla.GatedLinearAttention.forward",
+        "megatron.core.transformer.transformer_layer.TransformerLayer._forward_attention",
+        "TransformerLayer calls its self_attention slot as (hidden_states, attention_mask=, "
+        "rotary_pos_emb=, ...) and feeds the (output, bias) result to self_attn_bda; "
+        "ParallelHybridAttention.forward relies on the same",
+        "GLA and the parallel-hybrid mixer fill the self_attention slot of a stock layer",
+        "test_self_attention_slot_protocol"),
+    Override(
+        "sbtrain.model.recompute.install_ffn_activation_recompute",
+        "megatron.core.transformer.mlp.MLP.forward",
+        "with use_te_activation_func MLP.forward applies self.activation_func (looked up per "
+        "call, so a module swapped in after construction is used) to the whole fc1 output and "
+        "calls self.linear_fc2 as a module (its forward hooks run)",
+        "selective recompute drops the SwiGLU product after fc2 without copying MLP.forward",
+        "test_mlp_activation_and_fc2_are_looked_up_per_call"),
+    Override(
+        "sbtrain.spiking.layers.spiking_linear",
+        "megatron.core.tensor_parallel.layers.RowParallelLinear.forward",
+        "Column/RowParallelLinear.forward take the input first (input_); the layers keep "
+        "tp_group, and RowParallelLinear input_is_parallel, as attributes",
+        "the neuron spikes a linear's input in a subclass, TP-aware for row-parallel inputs",
+        "test_parallel_linear_input_and_attributes"),
+    Override(
+        "sbtrain.trainer._chunked_loss", f"{_GPT}._postprocess",
+        "with output_processor, _postprocess returns output_processor(hidden_states=, "
+        "output_layer=, output_weight=, labels=, ...) instead of the logits / loss",
+        "train.loss_chunk_tokens computes the loss from the hidden states without logits",
+        "test_output_processor_keywords"),
+    Override(
+        "sbtrain.model.spec_provider.SpecProvider.layer",
+        "megatron.core.models.gpt.gpt_layer_specs.get_gpt_layer_local_submodules",
+        "the layer around the mixer (norm classes, bias-dropout-add, "
+        "sharded_state_dict_keys_map, SelfAttention's params) is the one "
+        "get_gpt_layer_local_spec builds for RMSNorm",
+        "checkpoint keys and numerics of stock local GPT layers, with sbtrain's slots filled",
+        "test_provider_layer_matches_the_local_gpt_layer"),
 )
 
 

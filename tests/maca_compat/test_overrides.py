@@ -119,3 +119,111 @@ def test_setup_checks_the_version(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="sbtrain.maca_compat"):
         runtime.setup(get_platform())
     assert "megatron-core 0.20.0 is installed" in caplog.text
+
+
+def _call_keywords(function, callee: str) -> list[set[str]]:
+    """Keyword names of every call in ``function`` whose callee's source text is ``callee``."""
+    tree = ast.parse(_source(function))
+    return [{k.arg for k in node.keywords} for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == callee]
+
+
+def _accepts(function, names: set[str]) -> bool:
+    params = inspect.signature(function).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return var_kw or names <= set(params)
+
+
+def test_core_attention_slot_protocol():
+    from megatron.core.transformer.attention import Attention, SelfAttention
+
+    from sbtrain.model.core_attention import SoftmaxCoreAttention
+
+    (build,) = _call_keywords(Attention.__init__, "submodules.core_attention")
+    assert build == {"config", "layer_number", "attn_mask_type", "attention_type",
+                     "cp_comm_type", "softmax_scale", "pg_collection"}
+    assert _accepts(SoftmaxCoreAttention.__init__, build)
+    # (_run_core_attention also forwards **extra_kwargs: empty unless a caller passes
+    # core_attention_extra_kwargs, which SelfAttention does not)
+    calls = [c - {None} for c in
+             _call_keywords(Attention._run_core_attention, "apply_module(self.core_attention)")
+             + _call_keywords(Attention.forward, "apply_module(self.core_attention)")]
+    assert calls and all(c == {"attn_mask_type", "attention_bias", "packed_seq_params"}
+                         for c in calls), calls
+    assert _params(SoftmaxCoreAttention.forward)[:5] == ["self", "query", "key", "value",
+                                                         "attention_mask"]
+    assert _accepts(SoftmaxCoreAttention.forward, calls[0])
+    assert issubclass(SelfAttention, Attention)
+
+
+def test_self_attention_slot_protocol():
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from sbtrain.model.gla import GatedLinearAttention
+    from sbtrain.model.parallel_hybrid import ParallelHybridAttention
+
+    (call,) = _call_keywords(TransformerLayer._forward_attention, "self.self_attention")
+    assert {"attention_mask", "rotary_pos_emb"} <= call
+    for mixer in (GatedLinearAttention, ParallelHybridAttention):
+        assert _params(mixer.forward)[:3] == ["self", "hidden_states", "attention_mask"]
+        assert _accepts(mixer.forward, call), mixer
+    assert "rotary_pos_emb" in _params(ParallelHybridAttention.forward)
+    # the (output, bias) pair goes to the bias-dropout-add
+    assert "attention_output_with_bias" in _source(TransformerLayer._forward_attention)
+    assert "self.self_attn_bda(" in _source(TransformerLayer._forward_attention)
+
+
+def test_mlp_activation_and_fc2_are_looked_up_per_call():
+    from megatron.core.transformer.mlp import MLP
+
+    source = _source(MLP.forward)
+    te_branch = source.index("if self.config.use_te_activation_func:")
+    assert "self.activation_func(intermediate_parallel)" in source[te_branch:te_branch + 300]
+    assert "apply_module(self.linear_fc2)(" in source or "self.linear_fc2(" in source
+    assert "self.activation_func = " in _source(MLP.__init__)
+
+
+def test_parallel_linear_input_and_attributes():
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    for linear in (ColumnParallelLinear, RowParallelLinear):
+        assert _params(linear.forward)[:2] == ["self", "input_"], linear
+        assert "self.tp_group = " in _source(linear.__init__), linear
+    assert "self.input_is_parallel = input_is_parallel" in _source(RowParallelLinear.__init__)
+
+
+def test_output_processor_keywords():
+    from sbtrain.trainer import _chunked_loss
+
+    (call,) = _call_keywords(GPTModel._postprocess, "output_processor")
+    assert {"hidden_states", "output_layer", "output_weight", "labels"} <= call
+    assert _accepts(_chunked_loss, call)
+    assert "output_processor" in _params(GPTModel.forward)
+
+
+def test_provider_layer_matches_the_local_gpt_layer():
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from sbtrain.config.schema import ModelConfig
+    from sbtrain.model.spec_provider import SpecProvider
+
+    ours = SpecProvider(ModelConfig(pattern="*-")).layer("*", "-")
+    stock = get_gpt_layer_local_spec(normalization="RMSNorm")
+    assert ours.module is stock.module
+    same = ("input_layernorm", "self_attn_bda", "pre_cross_attn_layernorm", "cross_attention",
+            "cross_attn_bda", "pre_mlp_layernorm", "mlp_bda", "sharded_state_dict_keys_map")
+    for name in same:
+        assert getattr(ours.submodules, name) == getattr(stock.submodules, name), name
+    attention, stock_attention = ours.submodules.self_attention, stock.submodules.self_attention
+    assert (attention.module, attention.params) == (stock_attention.module, stock_attention.params)
+    for field in dataclasses.fields(attention.submodules):
+        if field.name != "core_attention":   # sbtrain's, by design
+            assert getattr(attention.submodules, field.name) == \
+                getattr(stock_attention.submodules, field.name), field.name
+    mlp, stock_mlp = ours.submodules.mlp, stock.submodules.mlp
+    assert mlp.func == stock_mlp.func
+    for name in ("linear_fc1", "linear_fc2"):   # the activation is ops.swiglu by design
+        assert getattr(mlp.keywords["submodules"], name) is \
+            getattr(stock_mlp.keywords["submodules"], name)
