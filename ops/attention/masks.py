@@ -222,10 +222,11 @@ def tile_structure(layout: MaskLayout, block: int = BLOCK_SIZE) -> tuple[Tensor,
     """Which (query tile, key tile) pairs need the mask_mod and which are fully seen.
 
     * some pair may be seen: the key tile holds a sink, or its regular keys' position range
-      reaches the query range (causally, within the window) and the document ranges overlap.
+      reaches its regular queries' range (causally, within the window) and the document
+      ranges overlap.
     * every pair is seen: both tiles are whole, every key slot is valid, and either all keys
-      are sinks or every regular key precedes every query within the window, all in one
-      document.
+      are sinks or the query tile holds no sink and every regular key precedes every query
+      within the window, all in one document.
 
     Returns:
         ``(partial, full)``: two [Bm, 1, nq, nk] bool tensors, nq = ceil(Lq / block),
@@ -235,7 +236,10 @@ def tile_structure(layout: MaskLayout, block: int = BLOCK_SIZE) -> tuple[Tensor,
     Lq, Lk = q_pos.shape[0], k_pos.shape[0]
     nq, nk = -(-Lq // block), -(-Lk // block)
     regular = k_pos != FAR
-    q_lo, q_hi = (r[:, None] for r in _ranges(q_pos, None, nq, block))
+    # Sink queries see sinks only: the position and document ranges are the regular queries'.
+    q_regular = torch.arange(Lq, device=q_pos.device) >= layout.sinks
+    q_has_sink = _tiles(~q_regular, nq, block, False).any(-1)[:, None]
+    q_lo, q_hi = (r[:, None] for r in _ranges(q_pos, q_regular, nq, block))
     k_lo, k_hi = (r[None, :] for r in _ranges(k_pos, regular, nk, block))
     sink_tiles = _tiles(k_always, nk, block, False)
     has_sink, all_sink = sink_tiles.any(-1)[None, :], sink_tiles.all(-1)[None, :]
@@ -243,9 +247,9 @@ def tile_structure(layout: MaskLayout, block: int = BLOCK_SIZE) -> tuple[Tensor,
     q_whole = (torch.arange(nq, device=q_pos.device) < Lq // block)[:, None]
     w = FAR if layout.window is None else layout.window
     some = ((k_lo <= q_hi) & (q_lo - k_hi <= w))[None]
-    every = ((k_hi <= q_lo) & (q_hi - k_lo <= w))[None]
+    every = ((k_hi <= q_lo) & (q_hi - k_lo <= w) & ~q_has_sink)[None]
     if layout.q_docs is not None and layout.k_docs is not None:
-        dq_lo, dq_hi = (r[:, :, None] for r in _ranges(layout.q_docs, None, nq, block))
+        dq_lo, dq_hi = (r[:, :, None] for r in _ranges(layout.q_docs, q_regular, nq, block))
         dk_lo, dk_hi = (r[:, None, :] for r in _ranges(layout.k_docs, regular, nk, block))
         some = some & (dk_lo <= dq_hi) & (dq_lo <= dk_hi)
         every = every & (dq_lo == dq_hi) & (dk_lo == dk_hi) & (dq_lo == dk_lo)

@@ -57,7 +57,8 @@ def gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | None = None,
         (always None in the token form).
     """
     if documents is None and not sinks and sp is None:
-        return local_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+        return local_gla(q, k, v, g, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     if initial_state is not None or output_final_state or cu_seqlens is not None:
         raise ValueError("gla's token form (documents, sinks, sp) takes no initial_state, "
                          "output_final_state or cu_seqlens")

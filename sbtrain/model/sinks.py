@@ -53,12 +53,12 @@ class SinkTokenGPTModel(GPTModel):
         tokens it sees on every rank, without one it assumes every rank has rank 0's count.
         """
         output = super()._preprocess(input_ids, *args, **kwargs)
-        cp = self.pg_collection.cp
-        if self.config.num_moe_experts and cp is not None and cp.size() > 1:
+        sp_group = self.pg_collection.cp  # parallel.sp: Megatron's context-parallel group
+        if self.config.num_moe_experts and sp_group is not None and sp_group.size() > 1:
             batch, seq = input_ids.shape
             padding = torch.zeros(batch, self.num_sink_tokens + seq, dtype=torch.bool,
                                   device=input_ids.device)
-            if cp.rank() > 0:
+            if sp_group.rank() > 0:
                 padding[:, :self.num_sink_tokens] = True
             output = (*output[:5], padding, *output[6:])
         return output

@@ -35,12 +35,16 @@ def op_form(q, k, v, q_pos, k_pos, window=None, q_segments=None, k_segments=None
     """The general layout of this file (always-visible keys anywhere) in op ``attention``'s form:
     the valid always-visible keys first, as sinks, with zero sink query rows in front of q
     (``general_form`` drops their outputs). Returns (q, k, v, keyword arguments)."""
+    if k_pos.shape[0] != k.shape[2]:  # a layout error: passed on unchanged, for the op to report
+        return q, k, v, dict(window=window, documents=q_segments, sinks=0,
+                             positions=Positions(q_pos, k_pos, k_valid, k_segments))
     valid = torch.ones(k_pos.shape[0], dtype=torch.bool, device=k_pos.device) if k_valid is None else k_valid
     sinks = valid.bool() & (torch.zeros_like(valid, dtype=torch.bool) if k_always is None else k_always.bool())
     order = torch.cat([sinks.nonzero()[:, 0], (~sinks).nonzero()[:, 0]])
     S, rest = int(sinks.sum()), order[int(sinks.sum()):]
     positions = Positions(query=q_pos, key=k_pos[rest], key_valid=None if k_valid is None else k_valid[rest],
-                          key_documents=None if k_segments is None else k_segments[:, rest])
+                          key_documents=None if k_segments is None else
+                          k_segments[:, rest] if k_segments.shape[-1] == k_pos.shape[0] else k_segments)
     q = torch.cat([q.new_zeros(*q.shape[:2], S, q.shape[3]), q], dim=2)
     order = order.to(k.device)
     return q, k[:, :, order], v[:, :, order], dict(window=window, documents=q_segments, sinks=S, positions=positions)
