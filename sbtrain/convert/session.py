@@ -22,9 +22,8 @@ def one_process_model(cfg: RunConfig, dtype: torch.dtype = torch.float32,
     """Yield ``cfg``'s model built in this process with all parallel sizes 1."""
     from maca_compat.platform import get_platform
     from maca_compat.runtime import setup as setup_platform
-    from megatron.core import parallel_state
 
-    from parallel.groups import init_parallel_groups, init_process_group
+    from parallel.groups import destroy_parallel_groups, init_parallel_groups, init_process_group
     from parallel.init import seed_all
     from sbtrain.model.builder import build_model
 
@@ -40,8 +39,9 @@ def one_process_model(cfg: RunConfig, dtype: torch.dtype = torch.float32,
         model, _ = build_model(cfg, groups.pg_collection, dtype, torch.device(device))
         yield model
     finally:
-        # The default process group stays up, so a process can build several models in turn.
-        parallel_state.destroy_model_parallel()
+        # The default process group stays up, so a process can build several models in turn
+        # (and no model-parallel group, or its gloo threads, stays behind)
+        destroy_parallel_groups(keep_default_group=True)
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -27,3 +27,21 @@ def test_rebuilt_groups_leave_no_groups_or_threads_behind():
     # stock megatron-core: +20 groups and +60 gloo threads per rebuild
     assert len(dist.distributed_c10d._world.pg_map) == groups
     assert _threads() <= threads
+
+
+def test_one_process_model_leaves_no_groups_behind():
+    """The in-process builder (conversion, export, many tests) rebuilds groups per model."""
+    from sbtrain.config.schema import ModelConfig, RunConfig
+    from sbtrain.convert.session import one_process_model
+
+    cfg = RunConfig(model=ModelConfig(pattern="*-", hidden_size=16, num_attention_heads=2,
+                                      num_query_groups=1, ffn_hidden_size=32, vocab_size=32,
+                                      max_position_embeddings=16))
+    with one_process_model(cfg):
+        pass
+    groups, threads = len(dist.distributed_c10d._world.pg_map), _threads()
+    for _ in range(2):
+        with one_process_model(cfg):
+            pass
+    assert len(dist.distributed_c10d._world.pg_map) == groups == 1
+    assert _threads() <= threads
