@@ -26,11 +26,12 @@ import torch
 def wait_for_params(ddp, params: Iterable[torch.nn.Parameter]) -> None:
     """Finish the parameter all-gather of every bucket holding one of ``params`` (a no-op
     without ``overlap_param_gather``, or once the bucket's gather has been waited for)."""
-    if not ddp.ddp_config.overlap_param_gather:
+    ddp_config = getattr(ddp, "ddp_config", None)  # a bare model (conversion, tests): no DDP
+    if ddp_config is None or not ddp_config.overlap_param_gather:
         return
     buckets = ddp.param_to_bucket_group  # param -> its bucket group (megatron DDP)
     for group in {id(buckets[p]): buckets[p] for p in params if p in buckets}.values():
-        group.finish_param_sync(skip_next_bucket_dispatch=ddp.ddp_config.align_param_gather)
+        group.finish_param_sync(skip_next_bucket_dispatch=ddp_config.align_param_gather)
 
 
 def install_param_gather_waits(ddp) -> int:

@@ -67,5 +67,4 @@ def gqa_verifier(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | None
 def register(registry: OpRegistry) -> Backend:
     """Add the GQA backend to ``registry`` (the ``gla`` op); imports neither fla nor triton."""
     return registry.register(Backend(name=BACKEND_NAME, fn=gla_gqa_chunk, kind="triton", priority=PRIORITY,
-                                     available=gqa_available, verifier=gqa_verifier,
-                                     platforms=("cuda", "maca")))
+                                     available=gqa_available, verifier=gqa_verifier))
