@@ -187,6 +187,7 @@ class _OptimWithPinnedAdam:
 def _pin_adam_impl() -> list:
     # Without Apex/TE, megatron builds torch.optim.AdamW(...) with no fused/foreach flag, so
     # torch runs its multi-kernel foreach path on GPUs; the platform picks the implementation.
+    # deferred: maca_compat.platform imports this module (applied_patches)
     from maca_compat.platform import adam_impl_for, get_platform
 
     platform = get_platform()

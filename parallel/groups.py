@@ -9,14 +9,16 @@ import socket
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 
 @dataclasses.dataclass
 class ParallelGroups:
     """The process groups of this rank and where it sits in the layout."""
 
-    pg_collection: object
-    """megatron ProcessGroupCollection (tp, pp, cp, ep, dp, dp_cp, expt_dp, ...)."""
+    pg_collection: ProcessGroupCollection
+    """tp, pp, cp, ep, dp, dp_cp, expt_dp, ..."""
     world_size: int
     rank: int
     local_rank: int
@@ -75,9 +77,6 @@ def init_parallel_groups(tp: int, pp: int, sp: int, ep: int, local_rank: int,
                          timeout_minutes: float = 10.0) -> ParallelGroups:
     """Build Megatron's model-parallel groups for (tp, pp, cp=sp, ep) and collect them;
     their collectives time out after ``timeout_minutes`` (``parallel.timeout_minutes``)."""
-    from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -92,8 +91,6 @@ def init_parallel_groups(tp: int, pp: int, sp: int, ep: int, local_rank: int,
 
 def destroy_parallel_groups(keep_default_group: bool = False) -> None:
     """Drop Megatron's model-parallel groups and, unless kept, the default process group."""
-    from megatron.core import parallel_state
-
     parallel_state.destroy_model_parallel()
     if not dist.is_initialized():
         return

@@ -43,6 +43,7 @@ def _full_tensor(key: str, shape: tuple[int, ...], seed: int, std: float, num_la
 
 
 def _sharded_tensors(state: object):
+    # deferred: the rest of this module is plain torch (see seed_all)
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     if isinstance(state, dict):

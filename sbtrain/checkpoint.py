@@ -17,9 +17,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import load_tensors_metadata
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedBase
+from megatron.core.distributed import DistributedDataParallel
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
 from sbtrain.errors import CheckpointError, CheckpointNotFound
+
 
 # The default distributed-optimizer format ("fully_sharded_model_space") raises on save in
 # megatron-core 0.19.2; "fully_reshardable" saves and loads under any DP/TP/PP layout.
@@ -45,7 +51,6 @@ def latest_step(load_dir: str | Path) -> int | None:
 def _unwrap_ddp(model):
     # DDP's sharded_state_dict prefixes keys with "module." but its load_state_dict forwards
     # unprefixed, so save and load through the wrapped module itself.
-    from megatron.core.distributed import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -67,8 +72,6 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
 
     ``strategy``: a megatron save strategy (e.g. ``FullyParallelSaveStrategyWrapper``), None for
     megatron's default."""
-    from megatron.core import dist_checkpointing
-
     partial_dir = _prepare_partial(save_dir, step)
     state = _state_dict(model, optimizer, scheduler, step, is_loading=False)
     try:
@@ -85,8 +88,6 @@ def save_checkpoint_async(save_dir: str | Path, step: int, model, optimizer, sch
     megatron's ``AsyncRequest``. Its finalize functions (run on every rank by
     ``AsyncCallsQueue.maybe_finalize_async_calls`` once every writer is done) write the
     metadata, then ``commit_checkpoint``: until then the save is only ``iter_N.partial``."""
-    from megatron.core import dist_checkpointing
-
     partial_dir = _prepare_partial(save_dir, step)
     state = _state_dict(model, optimizer, scheduler, step, is_loading=False)
     try:
@@ -162,8 +163,6 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, scheduler, step: int
 
     ``optimizer=None`` loads weights only.
     """
-    from megatron.core import dist_checkpointing
-
     step = latest_step(load_dir) if step is None else step
     if step is None:
         raise CheckpointNotFound(f"no complete checkpoint in {load_dir} (missing '{LATEST}')")
@@ -210,10 +209,6 @@ def check_optimizer_layout(directory: str | Path, optimizer_state: dict) -> None
     ``optimizer.state.*``. A checkpoint saved under one layout cannot load its optimizer
     state under the other (the load fails deep inside dist_checkpointing with a KeyError).
     """
-    from megatron.core.dist_checkpointing import load_tensors_metadata
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
-
     saved = [k for k in load_tensors_metadata(str(directory)) if ".state." in k]
     wanted = [v.key for v in nested_values(optimizer_state)
               if isinstance(v, ShardedBase) and ".state." in v.key]

@@ -24,8 +24,15 @@ import os
 import signal
 import time
 
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelSaveStrategyWrapper,
+)
+
 from sbtrain.checkpoint import save_checkpoint, save_checkpoint_async
 from sbtrain.errors import CheckpointError
+
 
 _PR_SET_PDEATHSIG = 1
 
@@ -93,8 +100,6 @@ class CheckpointWriter:
 
     def _calls_queue(self):
         if self._queue is None:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
             # persistent=False: one forked writer per save, gone when the save is written
             # (megatron's persistent worker outlives a killed run).
             self._queue = AsyncCallsQueue(persistent=False)
@@ -103,13 +108,6 @@ class CheckpointWriter:
     def _strategy(self):
         if not self.fully_parallel:
             return None
-        from megatron.core.dist_checkpointing.serialization import (
-            get_default_save_sharded_strategy,
-        )
-        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-            FullyParallelSaveStrategyWrapper,
-        )
-
         return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
                                                 self.dp_group)
 

@@ -44,6 +44,8 @@ commands:
 
 
 def plan_main(argv: list[str]) -> int:
+    # deferred: each subcommand imports only what it runs, so `sbtrain --help` and
+    # `sbtrain plan` start without torch/megatron
     from sbtrain.config.validate import validate
     from sbtrain.profiler.plan import default_world_size, format_plan, make_plan
     from sbtrain.train import add_config_args
@@ -86,6 +88,7 @@ def config_main(argv: list[str]) -> int:
 
 
 def stages_main(argv: list[str]) -> int:
+    # deferred: see the first deferred import of this module (subcommands import lazily)
     from sbtrain.config import stage_names
 
     if len(argv) != 1:

@@ -15,15 +15,16 @@ import sys
 
 import torch
 
+from sbtrain.config import ConfigError, load_config
+from sbtrain.convert.hf_layout import hf_config, iter_hf_tensors
+from sbtrain.convert.session import load_weights, model_tensors, one_process_model
+from sbtrain.data.tokenizer import load_tokenizer
 from sbtrain.hf.configuration_spikingbrain import GLAswaConfig, SpikingBrainConfig
 from sbtrain.hf.modeling_spikingbrain import GLAswaForCausalLM, SpikingBrainForCausalLM
 
 
 def model_from_checkpoint(cfg, checkpoint: str, dtype: torch.dtype):
     """(HF model with the checkpoint's weights, step), built in this process."""
-    from sbtrain.convert.hf_layout import hf_config, iter_hf_tensors
-    from sbtrain.convert.session import load_weights, model_tensors, one_process_model
-
     with one_process_model(cfg, dtype) as model:
         step = load_weights(model, checkpoint)
         tensors = dict(iter_hf_tensors(model_tensors(model), cfg.model, dtype))
@@ -72,7 +73,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from sbtrain.config import ConfigError
 
     try:
         model, encode, decode, eos_id, label = _load(args)
@@ -89,6 +89,7 @@ def _load(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.hf:
+        # deferred: transformers is optional and slow to import; only generation needs it
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -98,9 +99,6 @@ def _load(args):
                 tok.eos_token_id, args.hf)
     if not args.config:
         raise ValueError("--checkpoint needs --config (the run's YAML)")
-    from sbtrain.config import load_config
-    from sbtrain.data.tokenizer import load_tokenizer
-
     cfg = load_config(args.config, args.overrides)
     if cfg.spiking.enabled:
         raise ValueError("spiking.enabled: generation runs without spiking neurons; pass "

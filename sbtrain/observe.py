@@ -81,6 +81,7 @@ class RunObserver:
         except ImportError:
             print("metrics.png not drawn: matplotlib is not installed", flush=True)
             return
+        # deferred: matplotlib is optional and only the end-of-run figure needs it
         from sbtrain.tools.plot import plot_runs
 
         print(f"curves: {plot_runs([str(self.run_dir)], str(self.run_dir / 'metrics.png'))}",
@@ -109,6 +110,7 @@ class TensorBoardSink:
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         try:
             # optional extra (pip install tensorboard): imported only when profiler.tensorboard
+            # deferred: tensorboard is optional (observe.tensorboard)
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             raise OptionalPackageMissing(
@@ -179,6 +181,7 @@ class StepTrace:
     def step_begins(self, step: int) -> None:
         if step != self.first or not self.first:
             return
+        # deferred: the torch profiler loads kineto; only a profiled run needs it
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU]

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _config_error(exc)
         return EXIT_CONFIG
+    # deferred: `sbtrain train --help` and argument errors answer before megatron-core is imported
     from parallel.groups import destroy_parallel_groups
 
     try:
@@ -74,6 +75,7 @@ AGREED_ERRORS = (TrainingDiverged, RunDirectoryLocked, MetricsFileExists)
 
 
 def _train(cfg, source: str, verbose: bool = False) -> int:
+    # deferred: see destroy_parallel_groups above (argument handling stays light)
     from sbtrain.trainer import Trainer
 
     trainer = Trainer(cfg, source=source)

@@ -11,17 +11,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 from ops.documents import segment_ids_from_tokens
+from ops.loss import linear_cross_entropy
+from parallel.data import microbatches
 from parallel.param_gather import wait_for_params
+from parallel.sequence import slice_microbatch
 from sbtrain.checkpoint import checkpoint_dir
 from sbtrain.checkpoint_writer import CheckpointWriter
 from sbtrain.config import RunConfig, dump_config
+from sbtrain.data.datasets import document_eod
 from sbtrain.observe import RunObserver
 from sbtrain.safety import RunLock, StepGuard, StopRequest, TrainingDiverged, Verdict
 from sbtrain.setup_report import report_setup
+from sbtrain.spiking.layers import recording
 from sbtrain.trainer_setup import TrainState, build_train_state
 from sbtrain.watchdog import Watchdog
+
 
 logger = logging.getLogger("sbtrain.train")
 
@@ -48,8 +56,6 @@ def _chunked_loss(chunk_tokens: int, *, hidden_states, output_layer, output_weig
     then goes to the embedding, as in Megatron's path). ``wait([weight])`` first finishes its
     overlapped all-gather (``parallel.param_gather``): the output layer's forward, where DDP
     would wait, is not called."""
-    from ops.loss import linear_cross_entropy
-
     weight = output_weight if output_weight is not None else output_layer.weight
     if wait is not None:
         wait([weight])
@@ -85,8 +91,6 @@ class Trainer:
         """metrics.jsonl and its sinks, traces, the end-of-run plot; built by setup()."""
 
     def setup(self) -> TrainState:
-        from megatron.core.utils import get_model_config
-
         self.state = build_train_state(self.cfg, self.source)
         self.lock.acquire(self.state.device)
         t = self.cfg.train
@@ -101,8 +105,6 @@ class Trainer:
         self.observer = RunObserver(self.cfg, self.state.start_step, self.state.is_logging_rank,
                                     self.state.device, self.state.groups.rank)
         if self.cfg.data.document_mask:
-            from sbtrain.data.datasets import document_eod
-
             self.eod = document_eod(self.cfg)
         if self.state.is_logging_rank:
             run_dir = Path(self.cfg.train.run_dir)
@@ -113,9 +115,6 @@ class Trainer:
     def _device_batches(self, step: int, split: str):
         s, t = self.state, self.cfg.train
         dataset = s.train_ds if split == "train" else s.valid_ds
-        from parallel.data import microbatches
-        from parallel.sequence import slice_microbatch
-
         sp = s.groups.pg_collection.cp
         # training continues the stream where earlier stages stopped (data.start_tokens)
         first = self.cfg.data.first_sample(t.seq_length) if split == "train" else 0
@@ -179,8 +178,6 @@ class Trainer:
             model.enable_forward_pre_hook()
 
     def _run_schedule(self, step: int, split: str, forward_only: bool) -> float:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         s, t = self.state, self.cfg.train
         num_micro = t.global_batch_size // (t.micro_batch_size * s.groups.dp_size)
         losses = get_forward_backward_func()(
@@ -250,7 +247,6 @@ class Trainer:
         logged = (step + 1) % self.cfg.train.log_interval == 0
         if not (self.cfg.spiking.enabled and logged):
             return contextlib.nullcontext()
-        from sbtrain.spiking.layers import recording
 
         return recording()
 

@@ -11,13 +11,38 @@ import logging
 import os
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
 
+from maca_compat.platform import get_platform, resolve_peak_flops
+from maca_compat.runtime import setup as setup_platform
+from parallel.groups import init_parallel_groups, init_process_group
+from parallel.init import init_parameters_globally, seed_all
 from parallel.param_gather import install_param_gather_waits
+from sbtrain.checkpoint import latest_step, load_checkpoint
 from sbtrain.config import RunConfig, validate
+from sbtrain.data.datasets import build_datasets
 from sbtrain.errors import CheckpointNotFound
+from sbtrain.model.builder import build_model
+from sbtrain.profiler.flops import flops_per_token
 from sbtrain.profiler.recompute import resolve_recompute
+from sbtrain.profiler.tracker import ThroughputTracker
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from torch.utils.data import Dataset
+
+    from maca_compat.platform import Platform
+    from parallel.groups import ParallelGroups
 
 logger = logging.getLogger("sbtrain.train")
 
@@ -25,15 +50,15 @@ logger = logging.getLogger("sbtrain.train")
 @dataclasses.dataclass
 class TrainState:
     cfg: RunConfig
-    platform: object
-    groups: object
+    platform: Platform
+    groups: ParallelGroups
     device: torch.device
-    model: object
-    optimizer: object
-    scheduler: object
-    train_ds: object
-    valid_ds: object
-    tracker: object
+    model: DistributedDataParallel
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    train_ds: Dataset
+    valid_ds: Dataset | None
+    tracker: ThroughputTracker
     start_step: int
     params_dtype: torch.dtype
 
@@ -49,11 +74,6 @@ def resolve_dtype(precision: str, platform) -> torch.dtype:
 
 
 def build_train_state(cfg: RunConfig, source: str = "") -> TrainState:
-    from maca_compat.platform import get_platform
-    from maca_compat.runtime import setup as setup_platform
-    from parallel.groups import init_parallel_groups, init_process_group
-    from parallel.init import seed_all
-
     platform = get_platform()
     setup_platform(platform)
     p = cfg.parallel
@@ -97,12 +117,6 @@ def device_memory_gib(device: torch.device) -> float:
 
 
 def _build_wrapped_model(cfg: RunConfig, groups, dtype: torch.dtype, device: torch.device):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.module import Float16Module
-
-    from parallel.init import init_parameters_globally
-    from sbtrain.model.builder import build_model
-
     model, tconfig = build_model(cfg, groups.pg_collection, dtype, device)
     init_parameters_globally(model, cfg.train.seed, cfg.model.init_method_std,
                              cfg.model.num_layers)
@@ -131,9 +145,6 @@ def ddp_options(cfg: RunConfig, device: torch.device) -> dict:
 
 
 def _build_optimizer(cfg: RunConfig, model, groups, dtype: torch.dtype):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     o, t = cfg.optim, cfg.train
     oconfig = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
@@ -156,8 +167,6 @@ def _build_optimizer(cfg: RunConfig, model, groups, dtype: torch.dtype):
 
 def _wire_schedule_hooks(tconfig, model, optimizer, groups) -> None:
     """The hooks Megatron's schedules call: grad-sync control, loss scaling, grad finalize."""
-    from megatron.core.distributed import finalize_model_grads
-
     tconfig.no_sync_func = model.no_sync
     tconfig.grad_scale_func = optimizer.scale_loss
     tconfig.finalize_model_grads_func = partial(finalize_model_grads,
@@ -165,8 +174,6 @@ def _wire_schedule_hooks(tconfig, model, optimizer, groups) -> None:
 
 
 def _build_data(cfg: RunConfig, groups):
-    from sbtrain.data.datasets import build_datasets
-
     t = cfg.train
     train_samples = cfg.data.first_sample(t.seq_length) + t.train_iters * t.global_batch_size
     eval_rounds = (t.train_iters // t.eval_interval) if t.eval_interval else 0
@@ -177,8 +184,6 @@ def _build_data(cfg: RunConfig, groups):
 
 def _maybe_resume(cfg: RunConfig, model, optimizer, scheduler) -> int:
     """Resume from load_dir (or save_dir); else start from ``pretrained`` weights; else fresh."""
-    from sbtrain.checkpoint import latest_step, load_checkpoint
-
     ck = cfg.checkpoint
     load_dir = ck.load_dir or ck.save_dir
     if not load_dir or latest_step(load_dir) is None:
@@ -205,10 +210,6 @@ def _maybe_resume(cfg: RunConfig, model, optimizer, scheduler) -> int:
 
 
 def _build_tracker(cfg: RunConfig, platform, groups):
-    from maca_compat.platform import resolve_peak_flops
-    from sbtrain.profiler.flops import flops_per_token
-    from sbtrain.profiler.tracker import ThroughputTracker
-
     peak, source = resolve_peak_flops(platform, cfg.profiler.peak_flops)
     fpt = flops_per_token(cfg.model, cfg.train.seq_length, training=True)["total"]
     return ThroughputTracker(flops_per_token=fpt, peak_flops_per_device=peak, peak_source=source,

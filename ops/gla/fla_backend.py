@@ -29,6 +29,7 @@ def gla_fla_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | Non
                   initial_state: Tensor | None = None, output_final_state: bool = False,
                   cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Run ``fla.ops.gla.chunk_gla`` on GQA inputs (same arguments and results as ``ops.gla.gla``)."""
+    # deferred: fla (and Triton) load only when the fast path is called on a GPU
     from fla.ops.gla import chunk_gla
 
     group = q.shape[2] // k.shape[2]

@@ -53,6 +53,7 @@ def gpu_kind(device_name: str, capability: tuple[int, int]) -> str:
 
 def current_gpu_kind() -> tuple[str, str] | None:
     """``(kind, device name)`` of GPU 0, or None without a GPU."""
+    # deferred: the tuning-cache helpers above run torch-free
     import torch
 
     if not torch.cuda.is_available():

@@ -48,6 +48,7 @@ def gate_log_decay(gate: Tensor, normalizer: float = 1.0, negate: bool = False) 
 def _triton_gate_log_decay(gate: Tensor, normalizer: float = 1.0, negate: bool = False) -> Tensor:
     _check_args(gate, normalizer)
     # imported on first call: the kernels' module imports triton
+    # deferred: Triton loads only when the GPU backend is called
     from ops.gla_gate.triton_kernels import gate_log_decay_triton
 
     return gate_log_decay_triton(gate, normalizer, negate)

@@ -151,6 +151,7 @@ def _grouped_mm_k(p: Tensor, offsets: Tensor, q: Tensor, _num_experts: int) -> T
 def _triton_linear(x: Tensor, tokens_per_expert: Tensor, weight: Weights) -> Tensor:
     _check_args(x, tokens_per_expert, weight)
     # The kernels' module imports triton; loaded on first call so CPU-only imports stay cheap.
+    # deferred: Triton loads only when the GPU backend is called
     from ops.grouped_mlp import triton_kernels
 
     counts = _on_device(tokens_per_expert, x.device).to(torch.int32).contiguous()

@@ -56,6 +56,7 @@ def head_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def _triton_head_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     _check_args(x, weight)
     # imported on first call: the kernels' module imports triton
+    # deferred: Triton loads only when the GPU backend is called
     from ops.rmsnorm.triton_kernels import head_rms_norm_triton
 
     return head_rms_norm_triton(x, weight, eps)

@@ -112,6 +112,7 @@ def spike_activation(x: Tensor, k: float = 3.0, vth_min: float = 1e-5, vth_max: 
 
 def _triton_spike_counts(x: Tensor, k: float = 3.0, vth_min: float = 1e-5, vth_max: float = 1e4):
     _check_args(x, k, vth_min, vth_max)
+    # deferred: Triton loads only when the GPU backend is called
     from ops.spike.fused import fused_spike_counts
 
     return fused_spike_counts(x, k, vth_min, vth_max)
@@ -119,6 +120,7 @@ def _triton_spike_counts(x: Tensor, k: float = 3.0, vth_min: float = 1e-5, vth_m
 
 def _triton_spike_activation(x: Tensor, k: float = 3.0, vth_min: float = 1e-5, vth_max: float = 1e4):
     _check_args(x, k, vth_min, vth_max)
+    # deferred: Triton loads only when the GPU backend is called
     from ops.spike.fused import fused_spike_forward
 
     return _SpikeSTE.apply(x, fused_spike_forward, k, vth_min, vth_max)

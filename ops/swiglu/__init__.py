@@ -45,6 +45,7 @@ def swiglu(x: Tensor) -> Tensor:
 def _triton_swiglu(x: Tensor) -> Tensor:
     _check_args(x)
     # imported on first call: the kernels' module imports triton
+    # deferred: Triton loads only when the GPU backend is called
     from ops.swiglu.triton_kernels import swiglu_triton
 
     return swiglu_triton(x)

@@ -21,19 +21,21 @@ from pathlib import Path
 
 import torch
 
+from sbtrain.config import ConfigError, load_config
+from sbtrain.convert.export import export_hf
+from sbtrain.convert.hf_io import read_hf_dir
+from sbtrain.convert.hf_layout import check_hybrid_matches, check_shapes, hf_to_sbtrain_state
+from sbtrain.convert.mapping import check_hf_matches, hf_layout, hf_to_sbtrain as map_weights
+from sbtrain.convert.session import load_tensors, model_tensors, one_process_model, save_weights
+from sbtrain.convert.upcycle import main as upcycle_main
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def hf_to_sbtrain(hf_dir: str, config: str, out: str, dtype: str = "fp32",
                   overrides: list[str] | None = None) -> Path:
     """Convert ``hf_dir`` into a sbtrain checkpoint for the model of ``config``."""
-    from sbtrain.config import load_config
-    from sbtrain.convert.hf_io import read_hf_dir
-    from sbtrain.convert.mapping import check_hf_matches, hf_layout
-    from sbtrain.convert.mapping import hf_to_sbtrain as map_weights
-    from sbtrain.convert.hf_layout import check_hybrid_matches, check_shapes, hf_to_sbtrain_state
-    from sbtrain.convert.session import load_tensors, model_tensors, one_process_model, save_weights
-
     cfg = load_config(config, overrides)
     hf_config, tensors = read_hf_dir(hf_dir)
     layout = hf_layout(hf_config, hf_dir)
@@ -57,9 +59,6 @@ def sbtrain_to_hf(config: str, checkpoint: str, out: str, dtype: str = "bf16",
     """Export a sbtrain checkpoint to a self-contained HF directory (``sbtrain.convert.export``):
     the official SpikingBrain-7B layout (``gla_swa``) when the pattern allows, else
     ``spikingbrain_hybrid``; both load with ``trust_remote_code=True``."""
-    from sbtrain.config import load_config
-    from sbtrain.convert.export import export_hf
-
     cfg = load_config(config, overrides)
     step, count = export_hf(cfg, checkpoint, out, DTYPES[dtype], eod_id)
     print(f"wrote {count} tensors from step {step} to {out}", flush=True)
@@ -68,8 +67,6 @@ def sbtrain_to_hf(config: str, checkpoint: str, out: str, dtype: str = "bf16",
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["upcycle"]:
-        from sbtrain.convert.upcycle import main as upcycle_main
-
         return upcycle_main(argv[1:])
     parser = argparse.ArgumentParser(prog="sbtrain convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +86,6 @@ def main(argv: list[str]) -> int:
         p.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="SECTION.KEY=VALUE", help="override one config value")
     args = parser.parse_args(argv)
-    from sbtrain.config import ConfigError
 
     try:
         if args.direction == "hf-to-sbtrain":

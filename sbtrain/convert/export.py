@@ -22,6 +22,9 @@ import torch
 from sbtrain.config.schema import RunConfig
 from sbtrain.convert.hf_io import write_hf_shards
 from sbtrain.convert.hf_layout import hf_config, iter_hf_tensors
+from sbtrain.convert.session import load_weights, model_tensors, one_process_model
+from sbtrain.data.tokenizer import load_tokenizer
+
 
 HF_CODE_DIR = Path(__file__).resolve().parent.parent / "hf"
 MODELING_FILES = ("configuration_spikingbrain.py", "modeling_spikingbrain.py",
@@ -32,8 +35,6 @@ SHARD_BYTES = 2 * 1024**3
 def export_hf(cfg: RunConfig, checkpoint: str, out: str | Path, dtype: torch.dtype,
               eod_id: int | None = None, max_shard_bytes: int = SHARD_BYTES) -> tuple[int, int]:
     """Write the HF directory; returns (checkpoint step, number of tensors)."""
-    from sbtrain.convert.session import load_weights, model_tensors, one_process_model
-
     if cfg.spiking.enabled:
         raise ValueError("spiking.enabled: the HF classes have no spiking neurons; export with "
                          "--set spiking.enabled=false to drop them (outputs then differ)")
@@ -61,7 +62,6 @@ def write_tokenizer(cfg: RunConfig, out: Path, eod_id: int | None) -> dict[str, 
                   "tokenizer and no bos/eos ids", flush=True)
             return {}
         return {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id}
-    from sbtrain.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.data.tokenizer)
     hf_tok = _hf_tokenizer(cfg.data.tokenizer, tok.eod_token)
@@ -71,6 +71,7 @@ def write_tokenizer(cfg: RunConfig, out: Path, eod_id: int | None) -> dict[str, 
 
 
 def _hf_tokenizer(path: str, eod_token: str):
+    # deferred: transformers is optional and slow to import; only the tokenizer copy needs it
     import transformers
 
     special = dict(bos_token=eod_token, eos_token=eod_token, pad_token=eod_token)

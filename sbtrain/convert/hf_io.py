@@ -27,6 +27,7 @@ class HFTensors(dict):
 
 def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json as a dict, every tensor) of a HF directory saved as safetensors."""
+    # deferred: safetensors is optional (only HF conversion reads it)
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -58,6 +59,7 @@ def write_hf_shards(directory: str | Path, tensors: Iterable[tuple[str, torch.Te
     """Stream (name, tensor) pairs into safetensors shards of at most ``max_shard_bytes``
     (a shard is written and dropped as soon as it is full) plus an index when more than one;
     returns the number of tensors."""
+    # deferred: safetensors is optional (only HF conversion writes it)
     from safetensors.torch import save_file
 
     directory = Path(directory)

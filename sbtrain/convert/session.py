@@ -13,20 +13,19 @@ from pathlib import Path
 
 import torch
 
+from maca_compat.platform import get_platform
+from maca_compat.runtime import setup as setup_platform
+from parallel.groups import destroy_parallel_groups, init_parallel_groups, init_process_group
+from parallel.init import seed_all
+from sbtrain.checkpoint import load_checkpoint, save_checkpoint
 from sbtrain.config.schema import ParallelConfig, RunConfig
+from sbtrain.model.builder import build_model
 
 
 @contextlib.contextmanager
 def one_process_model(cfg: RunConfig, dtype: torch.dtype = torch.float32,
                       device: str = "cpu") -> Iterator[torch.nn.Module]:
     """Yield ``cfg``'s model built in this process with all parallel sizes 1."""
-    from maca_compat.platform import get_platform
-    from maca_compat.runtime import setup as setup_platform
-
-    from parallel.groups import destroy_parallel_groups, init_parallel_groups, init_process_group
-    from parallel.init import seed_all
-    from sbtrain.model.builder import build_model
-
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
     platform = get_platform()
     setup_platform(platform)
@@ -69,13 +68,9 @@ def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 
 def save_weights(model: torch.nn.Module, out_dir: str | Path) -> Path:
     """Write a weights-only sbtrain checkpoint (step 0) that any layout can load."""
-    from sbtrain.checkpoint import save_checkpoint
-
     return save_checkpoint(out_dir, 0, model, None, None)
 
 
 def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> int:
     """Load the newest checkpoint's weights in ``ckpt_dir``; returns its step."""
-    from sbtrain.checkpoint import load_checkpoint
-
     return load_checkpoint(ckpt_dir, model, None, None)

@@ -34,14 +34,19 @@ router (``tests/model/test_upcycle.py`` checks both).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from sbtrain.config import ConfigError, load_config
 from sbtrain.config.schema import ModelConfig, MoEConfig, RunConfig
+from sbtrain.convert.session import load_weights, model_tensors, one_process_model, save_weights
+
 
 SCHEMES = ("paper", "exact")
 
@@ -174,7 +179,6 @@ def upcycle_state(dense: dict[str, torch.Tensor], model: ModelConfig, alpha: flo
 def _as_run_config(config: str | Path | RunConfig, overrides: list[str] | None = None) -> RunConfig:
     if isinstance(config, RunConfig):
         return config
-    from sbtrain.config import load_config
 
     return load_config(config, overrides)
 
@@ -209,8 +213,6 @@ def upcycle_checkpoint(dense_ckpt_dir: str | Path, dense_config: str | Path | Ru
     any layout. ``seed`` defaults to the MoE config's ``train.seed``. ``overrides`` (``a.b=c``)
     apply to the MoE config when it is a path. Returns the written checkpoint path.
     """
-    from sbtrain.convert.session import load_weights, model_tensors, one_process_model, save_weights
-
     moe_cfg = _as_run_config(moe_config, overrides)
     if dense_config is None:
         dense_cfg = dataclasses.replace(moe_cfg, model=dataclasses.replace(
@@ -252,11 +254,6 @@ def upcycle_checkpoint(dense_ckpt_dir: str | Path, dense_config: str | Path | Ru
 
 def main(argv: list[str]) -> int:
     """``sbtrain convert upcycle`` (to be wired into ``sbtrain.convert.main``)."""
-    import argparse
-    import sys
-
-    from sbtrain.config import ConfigError
-
     parser = argparse.ArgumentParser(
         prog="sbtrain convert upcycle", description="dense sbtrain checkpoint -> MoE checkpoint")
     parser.add_argument("--dense", required=True, help="dense sbtrain checkpoint directory")

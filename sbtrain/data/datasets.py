@@ -21,8 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.utils import Split
 
 from sbtrain.config.errors import ConfigError
+from sbtrain.data.tokenizer import load_tokenizer
 from sbtrain.errors import DataError, DataFileNotFound
 
 if TYPE_CHECKING:
@@ -93,8 +98,6 @@ def check_indexed_prefix(prefix: str) -> IndexedInfo:
         ValueError: the ``.idx`` is corrupt or truncated, the ``.bin`` size does not match the
             index, or the dataset is empty (the message names the file).
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     hint = ""
     if prefix.endswith((".bin", ".idx")):
@@ -230,11 +233,6 @@ def document_eod(cfg: RunConfig) -> int:
 
 def _build_indexed(cfg: RunConfig, train_samples: int, valid_samples: int,
                    cache_dir: str) -> tuple[Any, Any]:
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
     if not cfg.data.paths:
         raise ConfigError("indexed data needs at least one path", key="data.paths")
     infos = [check_indexed_prefix(path) for path in cfg.data.paths]
@@ -250,8 +248,6 @@ def _build_indexed(cfg: RunConfig, train_samples: int, valid_samples: int,
 
 
 def _tokenizer_info(cfg: RunConfig) -> _TokenizerInfo:
-    from sbtrain.data.tokenizer import load_tokenizer
-
     if not cfg.data.tokenizer:
         raise ConfigError("indexed data needs a tokenizer (for the end-of-document id)",
                           key="data.tokenizer")
@@ -264,9 +260,6 @@ def _tokenizer_info(cfg: RunConfig) -> _TokenizerInfo:
 
 
 def _gpt_config(cfg: RunConfig, tokenizer: _TokenizerInfo, cache_dir: str) -> Any:
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-    from megatron.core.datasets.utils import Split
-
     paths = [os.path.abspath(p) for p in cfg.data.paths]
     # Megatron's "no weights" means "weight by dataset size"; sbtrain's means "equal". One path
     # keeps weights None so megatron returns a plain GPTDataset rather than a 1-way blend.

@@ -15,7 +15,9 @@ import argparse
 import json
 import os
 
+from sbtrain.data.sample_corpus import generate_documents
 from sbtrain.data.tokenizer import EOD_TOKEN
+
 
 DEFAULT_DIR = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "examples", "data")
 CORPUS_NAME = "sample_corpus.jsonl"
@@ -29,8 +31,6 @@ def write_corpus(path: str, seed: int = 0) -> int:
     Returns:
         the number of documents written.
     """
-    from sbtrain.data.sample_corpus import generate_documents
-
     docs = generate_documents(seed=seed)
     with open(path, "w", encoding="utf-8") as f:
         for i, text in enumerate(docs):
@@ -51,6 +51,7 @@ def train_tokenizer(corpus_path: str, output_path: str, vocab_size: int = VOCAB_
     and the remaining ``vocab_size - 257`` ids are merges. Byte-level BPE has no unknown
     token, so any UTF-8 text encodes and decodes back exactly.
     """
+    # deferred: tokenizers is optional (only building the sample tokenizer needs it)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

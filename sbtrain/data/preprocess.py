@@ -56,6 +56,7 @@ def preprocess(input_jsonl: str, output_prefix: str, tokenizer_path: str,
             is not a string (the message names the file and the line number); or the file
             holds no non-empty document.
     """
+    # deferred: this module is torch-free until it writes; megatron-core costs seconds to import
     from megatron.core.datasets.indexed_dataset import DType
 
     if not os.path.isfile(input_jsonl):
@@ -84,6 +85,7 @@ def preprocess(input_jsonl: str, output_prefix: str, tokenizer_path: str,
 
 def _write(input_jsonl: str, bin_path: str, idx_path: str, tokenizer: Tokenizer, dtype: type,
            json_key: str, append_eod: bool, log_every: int) -> PreprocessStats:
+    # deferred: as above, the argument and input checks run without torch
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 

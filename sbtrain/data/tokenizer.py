@@ -80,6 +80,7 @@ def load_tokenizer(path: str, eod_token: str | None = None) -> Tokenizer:
 
 
 def _load_tokenizer_json(json_path: str, path: str, eod_token: str | None) -> Tokenizer:
+    # deferred: tokenizers is optional (synthetic data needs no tokenizer)
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
@@ -101,6 +102,7 @@ def _load_tokenizer_json(json_path: str, path: str, eod_token: str | None) -> To
 
 
 def _load_hf_directory(path: str, eod_token: str | None) -> Tokenizer:
+    # deferred: transformers is optional and slow to import
     from transformers import AutoTokenizer
 
     try:

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import torch
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from parallel.sequence import install_slice_rotary
 from sbtrain.config.schema import RunConfig
-from sbtrain.model.spec_provider import build_layer_specs
 from sbtrain.model.megatron_config import to_megatron_config
+from sbtrain.model.recompute import install_ffn_activation_recompute
+from sbtrain.model.sinks import SinkTokenGPTModel
+from sbtrain.model.spec_provider import build_layer_specs
 
 
 def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device: torch.device):
@@ -14,14 +24,6 @@ def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device
 
     Layers are split evenly over pipeline stages; the stage is read from ``pg_collection.pp``.
     """
-    from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
     config = to_megatron_config(cfg, params_dtype)
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
@@ -31,8 +33,6 @@ def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device
     block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=WrappedTorchNorm)
     model_class, extra = GPTModel, {}
     if cfg.model.sink_tokens:
-        from sbtrain.model.sinks import SinkTokenGPTModel
-
         model_class, extra = SinkTokenGPTModel, {"sink_tokens": cfg.model.sink_tokens}
     model = model_class(
         config=config,
@@ -47,11 +47,8 @@ def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device
         pg_collection=pg_collection,
         **extra,
     )
-    from parallel.sequence import install_slice_rotary
 
     install_slice_rotary(model, cfg.model.sink_tokens, pg_collection.cp)
     if config.recompute_granularity == "selective":
-        from sbtrain.model.recompute import install_ffn_activation_recompute
-
         install_ffn_activation_recompute(model)
     return model.to(device), config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from maca_compat.platform import get_platform, grad_accum_fusion_enabled
 from sbtrain.config.schema import RunConfig
@@ -11,8 +12,6 @@ from sbtrain.config.schema import RunConfig
 
 def to_megatron_config(cfg: RunConfig, params_dtype: torch.dtype):
     """Map ``cfg`` onto a megatron ``TransformerConfig``; the rest of sbtrain reads only ours."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     m, p = cfg.model, cfg.parallel
     moe = _moe_fields(cfg) if m.has_moe else {}
     recompute = recompute_fields(cfg.train.recompute)

@@ -150,6 +150,7 @@ class ThroughputTracker:
     def _read_peak_memory(self) -> int | None:
         """Peak bytes so far: the device allocator's peak, or on CPU the largest sampled RSS."""
         if self.device_type == "cpu":
+            # deferred: psutil is optional (host memory in the throughput log)
             import psutil
 
             current = psutil.Process().memory_info().rss

@@ -22,6 +22,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ops.spike import spike_activation, spike_counts
+from sbtrain.spiking.stats import CountHistogram
+
 
 class FiringRecorder:
     """Sums spike statistics over every neuron call while active (see :func:`recording`).
@@ -48,8 +51,6 @@ class FiringRecorder:
         self.elements += counts.numel()
 
     def _add_to_site(self, counts: torch.Tensor) -> None:
-        from sbtrain.spiking.stats import CountHistogram
-
         site = self._stack[-1] if self._stack else UNATTRIBUTED
         self.sites.setdefault(site, CountHistogram()).add(counts)
 
@@ -140,8 +141,6 @@ class Neuron:
     vth_max: float = 1e4
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from ops.spike import spike_activation, spike_counts
-
         if _RECORDER is not None:
             _RECORDER.add(spike_counts(x.detach(), self.k, self.vth_min, self.vth_max)[0])
         return spike_activation(x, self.k, self.vth_min, self.vth_max)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 def write_plot(report: dict, path: str | Path) -> Path:
     """Draw ``report`` (the spikestats JSON) into a PNG at ``path``; returns the path."""
+    # deferred: matplotlib is optional (only `spikestats --plot` draws)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

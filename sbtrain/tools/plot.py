@@ -57,6 +57,7 @@ def _series(records: list[dict], key: str, scale: float) -> tuple[list[int], lis
 def plot_runs(run_dirs: list[str], out_png: str) -> str:
     """Draw the runs' curves into ``out_png``; returns its path. Panels without data in any run
     say so instead of staying blank."""
+    # deferred: matplotlib is optional (only `sbtrain plot` draws)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator

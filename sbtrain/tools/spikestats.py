@@ -32,8 +32,17 @@ from pathlib import Path
 
 import torch
 
+from maca_compat.platform import get_platform
+from ops.documents import segment_ids_from_tokens
 from sbtrain.config import ConfigError, RunConfig, load_config
+from sbtrain.convert.session import load_weights, one_process_model
+from sbtrain.data.datasets import build_datasets, default_cache_dir, document_eod
 from sbtrain.spiking.coding import SCHEMES
+from sbtrain.spiking.layers import attribute_sites, recording
+from sbtrain.spiking.plot import write_plot
+from sbtrain.spiking.quant import apply_weight_quant
+from sbtrain.spiking.stats import spike_report
+
 
 W8ASPIKE = ["spiking.enabled=true", "spiking.weight_quant=int8_g128"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -79,8 +88,6 @@ def load_stats_config(path: str, overrides: list[str], stage: str | None,
 
 def sample_batches(cfg: RunConfig, opts: StatsOptions) -> Iterator[dict[str, torch.Tensor]]:
     """``opts.samples`` samples of the config's split, stacked into batches."""
-    from sbtrain.data.datasets import build_datasets, default_cache_dir
-
     train, valid = build_datasets(cfg, (opts.samples, opts.samples), default_cache_dir(cfg))
     dataset = train if opts.split == "train" else valid
     if dataset is None:
@@ -112,10 +119,6 @@ class Progress:
 def measure(model: torch.nn.Module, cfg: RunConfig, opts: StatsOptions,
             device: torch.device) -> tuple[dict, dict]:
     """Run the samples through ``model``; returns (per-site histograms, loss summary)."""
-    from sbtrain.data.datasets import document_eod
-    from ops.documents import segment_ids_from_tokens
-    from sbtrain.spiking.layers import attribute_sites, recording
-
     eod = document_eod(cfg) if cfg.data.document_mask else None
     size = opts.batch_size or cfg.train.micro_batch_size
     progress = Progress(math.ceil(opts.samples / size))
@@ -139,7 +142,6 @@ def measure(model: torch.nn.Module, cfg: RunConfig, opts: StatsOptions,
 def _device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
-    from maca_compat.platform import get_platform
 
     return get_platform().device(0)
 
@@ -147,10 +149,6 @@ def _device(name: str) -> torch.device:
 def run_spikestats(cfg: RunConfig, checkpoint: str, opts: StatsOptions,
                    meta: dict | None = None) -> dict:
     """Measure ``checkpoint`` under ``cfg`` (spiking enabled); returns the report dict."""
-    from sbtrain.convert.session import load_weights, one_process_model
-    from sbtrain.spiking.quant import apply_weight_quant
-    from sbtrain.spiking.stats import spike_report
-
     if not cfg.spiking.enabled:
         raise ConfigError("spikestats measures the neuron: enable it", key="spiking.enabled")
     device = _device(opts.device)
@@ -181,8 +179,6 @@ def run_spikestats(cfg: RunConfig, checkpoint: str, opts: StatsOptions,
 
 def write_outputs(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     """``spikestats.json`` and ``spikestats.png`` in ``out_dir``."""
-    from sbtrain.spiking.plot import write_plot
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "spikestats.json"
