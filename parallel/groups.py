@@ -10,6 +10,7 @@ import socket
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 
@@ -92,6 +93,9 @@ def init_parallel_groups(tp: int, pp: int, sp: int, ep: int, local_rank: int,
 def destroy_parallel_groups(keep_default_group: bool = False) -> None:
     """Drop Megatron's model-parallel groups and, unless kept, the default process group."""
     parallel_state.destroy_model_parallel()
+    # the MoE metrics tracker is process-global and sized by the first model's layer count: a
+    # later model in the process (a stage, an in-process test) with more layers would index past it
+    destroy_moe_metrics_tracker()
     if not dist.is_initialized():
         return
     # megatron only drops its references: each of the ~20 groups it made stays registered in

@@ -42,6 +42,7 @@ COVERED = {
     "bash examples/train_tiny.sh": "tests/docs/test_docs_smoke.py",
     "bash scripts/setup_env.sh": "CI (the README's first command)",
     "bash scripts/gpu_check.sh": "GPU only",
+    "bash bench/gpu_session.sh": "GPU only",
     "python3 -m pytest": "CI",
     "python3 bench/": "tests/examples/test_bench_layouts.py",
     "python3 scripts/tune_fla.py": "GPU only",

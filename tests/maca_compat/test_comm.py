@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from maca_compat import comm, platform as platform_module, runtime
+from maca_compat import comm, runtime
 from maca_compat.comm import apply_comm_env, comm_settings, is_multi_node
 from sbtrain.config import RunConfig
 from tests.maca_compat.test_platform import make_platform
@@ -59,8 +59,7 @@ class _ProcessGroupReached(Exception):
 def test_tuning_is_in_the_environment_before_the_process_group(monkeypatch):
     """build_train_state on a (simulated) 2-node MetaX job: init_process_group sees the MCCL
     multi-node variables."""
-    import parallel.groups
-    from sbtrain.trainer_setup import build_train_state
+    import sbtrain.trainer_setup as trainer_setup
 
     for name in MCCL_MULTI_NODE:  # set-then-delete: monkeypatch removes what setup sets
         monkeypatch.setenv(name, "")
@@ -68,8 +67,7 @@ def test_tuning_is_in_the_environment_before_the_process_group(monkeypatch):
     for name, value in {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "RANK": "0"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(comm, "_logged", set())
-    monkeypatch.setattr(platform_module, "get_platform",
-                        lambda: make_platform("maca", "MetaX C550"))
+    monkeypatch.setattr(trainer_setup, "get_platform", lambda: make_platform("maca", "MetaX C550"))
     monkeypatch.setattr(runtime, "apply_patches", lambda vendor: [])
     monkeypatch.setattr(runtime, "check_megatron_version", lambda: None)
     seen = {}
@@ -78,8 +76,8 @@ def test_tuning_is_in_the_environment_before_the_process_group(monkeypatch):
         seen.update(os.environ)
         raise _ProcessGroupReached
 
-    monkeypatch.setattr(parallel.groups, "init_process_group", init_process_group)
+    monkeypatch.setattr(trainer_setup, "init_process_group", init_process_group)  # the name it calls
     with pytest.raises(_ProcessGroupReached):
-        build_train_state(RunConfig())
+        trainer_setup.build_train_state(RunConfig())
     assert {k: seen.get(k) for k in MCCL_MULTI_NODE} == {
         "MCCL_NET_GDR_LEVEL": "SYS", "MCCL_CROSS_NIC": "1", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
