@@ -32,14 +32,27 @@ from ops.comm import SPContext
 SLICED_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
 
 
+def resolved_softmax_exchange(setting: str) -> str:
+    """The exchange the ops run (a name in ``ops.attention.sequence_parallel.EXCHANGES``) for
+    ``parallel.sp_softmax_exchange``. ``auto`` is ``halo``: it moves fewer bytes wherever it
+    can run and falls back to ``tails`` per layer where it cannot (slices shorter than the
+    window, full attention), the per-layer choice ``sbtrain plan`` counts
+    (``sbtrain.profiler.comm.window_exchange``)."""
+    if setting not in ("tails", "halo", "auto"):
+        raise ValueError(f"unknown softmax exchange {setting!r}; known: tails, halo, auto")
+    return "halo" if setting == "auto" else setting
+
+
 def sp_context(pg_collection, softmax_exchange: str = "tails") -> SPContext | None:
     """The SP context of the group sequences are split over (``parallel.sp``; Megatron's
     context-parallel group ``pg_collection.cp``), or None when sequences are whole (sp 1):
-    what the mixers pass to the ops as ``sp=`` (``parallel.sp_softmax_exchange``)."""
+    what the mixers pass to the ops as ``sp=``. ``softmax_exchange``:
+    ``parallel.sp_softmax_exchange``, ``auto`` resolved here (:func:`resolved_softmax_exchange`)."""
+    exchange = resolved_softmax_exchange(softmax_exchange)
     sp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
     if sp_group is None or sp_group.size() == 1:
         return None
-    return SPContext(sp_group, softmax_exchange=softmax_exchange)
+    return SPContext(sp_group, softmax_exchange=exchange)
 
 
 def slice_bounds(seq_length: int, rank: int, size: int) -> tuple[int, int]:

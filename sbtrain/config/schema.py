@@ -211,8 +211,11 @@ class ParallelConfig:
     sp_softmax_exchange: str = "tails"
     """How sliding-window softmax layers get earlier slices' keys under sp > 1
     (ops/attention/sequence_parallel.py): ``tails`` (every rank all-gathers every rank's last
-    window) or ``halo`` (send/recv from the previous rank only, when every slice holds at least
-    one window; otherwise tails). Full attention always gathers (tails)."""
+    window), ``halo`` (send/recv from the previous rank only, when every slice holds at least
+    one window; otherwise tails) or ``auto`` (per sliding-window layer the one that moves fewer
+    bytes, ``sbtrain plan``'s count: halo whenever every slice holds a window). Full attention
+    always gathers (tails). The default stays ``tails`` because the halo has not run on GPUs
+    yet (it is tested on CPU/gloo only)."""
 
     def __post_init__(self) -> None:
         for name in ("pp", "tp", "ep", "sp"):
@@ -227,9 +230,9 @@ class ParallelConfig:
                 raise ConfigError(f"expected true, false or auto, got {getattr(self, name)!r}",
                                   key=f"parallel.{name}")
         check_at_least(self, "parallel", 0, ("bucket_size",))
-        if self.sp_softmax_exchange not in ("tails", "halo"):
-            raise ConfigError(f"unknown exchange {self.sp_softmax_exchange!r}; known: tails, halo",
-                              key="parallel.sp_softmax_exchange")
+        if self.sp_softmax_exchange not in ("tails", "halo", "auto"):
+            raise ConfigError(f"unknown exchange {self.sp_softmax_exchange!r}; known: tails, "
+                              "halo, auto", key="parallel.sp_softmax_exchange")
 
     def resolved_dp(self, world_size: int) -> int:
         return self.dp or world_size // (self.pp * self.tp * self.sp)

@@ -15,12 +15,19 @@ K = V = D = kv_channels, one layer and one micro-batch move:
   w = min(window, s) for a sliding window (``W``, the softmax branch of ``H``) and w = s for
   full attention (``*``, the softmax branch of ``F``); backward, one all-reduce of
   ``[P, b, 2 Hkv, w, D]``. With documents also a forward all-gather of ``[b, w]`` int32.
+  That is the ``tails`` exchange (``parallel.sp_softmax_exchange``), the only one for full
+  attention. A sliding window under ``halo`` with s >= window instead sends its last window
+  ``[b, 2 Hkv, window, D]`` to the next rank and receives the previous rank's (one send and one
+  receive of n bytes, the gradients back the same way in backward; with documents also
+  ``[b, window]`` int32 forward); ``auto`` takes whichever of the two moves fewer bytes
+  (:func:`window_exchange`). The slice-length all-gather stays with either.
 - ``train.recompute: full`` runs every forward collective once more in the backward pass,
   ``selective`` those of the linear branches (``RECOMPUTED_BRANCHES``).
 
 Costs are those of ring algorithms, counted per rank, and every rank sends as many bytes as
 it receives: an all-gather of n bytes per rank sends (P - 1) n; an all-reduce of an m-byte
-tensor sends 2 (P - 1) / P * m. A step runs ``num_microbatches`` micro-batches through the
+tensor sends 2 (P - 1) / P * m; a send/receive of n bytes to/from a neighbour sends n (the
+first rank only sends, the last only receives: a middle rank is counted). A step runs ``num_microbatches`` micro-batches through the
 layers of the rank's pipeline stage; the step total is the worst stage's.
 
 For comparison, Ulysses (all-to-all over heads) would move per softmax layer q and the output
@@ -74,18 +81,58 @@ def _linear_collectives(cfg: RunConfig, sp: int, kv_heads: int) -> list[dict]:
     return out
 
 
+def _send_recv(what: str, phase: str, shape: list[int], dtype: str) -> dict:
+    """One send to the next rank and one receive from the previous (``ops.comm``
+    ``from_previous_rank``; its backward sends the gradient back): n bytes each way."""
+    size = _numel(shape) * ITEMSIZE[dtype]
+    return {"what": what, "op": "send_recv", "phase": phase, "shape": shape, "dtype": dtype,
+            "tensor_bytes": size, "bytes": size}
+
+
 def _softmax_collectives(cfg: RunConfig, sp: int, kv_heads: int, width: int,
-                         act_bytes: int) -> list[dict]:
+                         act_bytes: int, exchange: str = "tails") -> list[dict]:
+    """What ``ops/attention/sequence_parallel.py``'s ``exchange`` (tails | halo) issues for
+    keys ``width`` tokens wide (the gathered tail; the halo's window)."""
     b, d = cfg.train.micro_batch_size, cfg.model.kv_channels
     dtype = "bf16" if act_bytes == 2 else "fp32"
     tail = [b, 2 * kv_heads, width, d]
-    out = [_collective(sp, "slice length", "all_gather", "forward", [1], "int64"),
-           _collective(sp, "K/V tail", "all_gather", "forward", tail, dtype),
-           _collective(sp, "K/V tail grads", "all_reduce", "backward", [sp, *tail], dtype)]
+    out = [_collective(sp, "slice length", "all_gather", "forward", [1], "int64")]
+    if exchange == "halo":
+        out += [_send_recv("K/V halo", "forward", tail, dtype),
+                _send_recv("K/V halo grads", "backward", tail, dtype)]
+        if cfg.data.document_mask:
+            out.append(_send_recv("halo segment ids", "forward", [b, width], "int32"))
+        return out
+    out += [_collective(sp, "K/V tail", "all_gather", "forward", tail, dtype),
+            _collective(sp, "K/V tail grads", "all_reduce", "backward", [sp, *tail], dtype)]
     if cfg.data.document_mask:
         out.append(_collective(sp, "tail segment ids", "all_gather", "forward", [b, width],
                                "int32"))
     return out
+
+
+def window_exchange(cfg: RunConfig, device_type: str = "cuda") -> str:
+    """The exchange a sliding-window layer runs under ``parallel.sp_softmax_exchange``:
+    ``halo`` only when every slice holds a window (the op falls back to ``tails`` otherwise);
+    ``auto``: the one of the two that moves fewer bytes per layer and micro-batch (recompute
+    included), which is ``halo`` whenever it can run (n each way against (P - 1) n forward
+    and 2 (P - 1) n backward). ``parallel.sequence.resolved_softmax_exchange`` hands ``auto``
+    to the ops as ``halo``, whose own fallback makes the same choice per layer."""
+    p, train = cfg.parallel, cfg.train
+    slice_tokens = -(-train.seq_length // p.sp)
+    if p.sp_softmax_exchange == "tails" or slice_tokens < cfg.model.sliding_window:
+        return "tails"
+    if p.sp_softmax_exchange == "halo":
+        return "halo"
+    kv_heads = max(1, cfg.model.num_query_groups // p.tp)
+    act_bytes = int(resolve_bytes(train.precision, device_type).activation)
+    again = "window" in RECOMPUTED_BRANCHES[train.recompute]
+    cost = {}
+    for exchange in ("halo", "tails"):
+        collectives = _softmax_collectives(cfg, p.sp, kv_heads, cfg.model.sliding_window,
+                                           act_bytes, exchange)
+        cost[exchange] = _totals(collectives, collectives if again else [])["total_bytes"]
+    return min(cost, key=cost.get)
 
 
 def _totals(collectives: list[dict], recomputed: list[dict]) -> dict:
@@ -97,8 +144,9 @@ def _totals(collectives: list[dict], recomputed: list[dict]) -> dict:
 
 
 def _ulysses(cfg: RunConfig, sp: int, slice_tokens: int, act_bytes: int,
-             halo: dict[str, dict]) -> dict:
-    """What an all-to-all over heads would move per softmax layer, next to the halo's bytes."""
+             exchanged: dict[str, dict], exchanges: dict[str, str]) -> dict:
+    """What an all-to-all over heads would move per softmax layer, next to the bytes of the
+    exchange the run uses (``exchanges[kind]``)."""
     model, p = cfg.model, cfg.parallel
     heads, kv_heads = model.num_attention_heads // p.tp, max(1, model.num_query_groups // p.tp)
     per_head = cfg.train.micro_batch_size * slice_tokens * model.kv_channels * act_bytes
@@ -108,9 +156,10 @@ def _ulysses(cfg: RunConfig, sp: int, slice_tokens: int, act_bytes: int,
     total = 2 * forward + again
     per_layer = {"forward_bytes": _exact(forward), "backward_bytes": _exact(forward),
                  "recompute_bytes": _exact(again), "total_bytes": _exact(total)}
-    kinds = {kind: {**per_layer, "halo_total_bytes": totals["total_bytes"],
+    kinds = {kind: {**per_layer, "exchange": exchanges[kind],
+                    "exchange_total_bytes": totals["total_bytes"],
                     "ratio": float(total / totals["total_bytes"])}
-             for kind, totals in halo.items()}
+             for kind, totals in exchanged.items()}
     return {"heads": heads, "kv_heads": kv_heads,
             "heads_divisible": heads % sp == 0 and kv_heads % sp == 0, "kinds": kinds}
 
@@ -120,8 +169,9 @@ def sp_comm_per_rank(cfg: RunConfig, world_size: int, device_type: str = "cuda")
 
     Returns, when ``parallel.sp > 1``: the sizes used (``sp``, ``slice_tokens``, ``kv_heads``,
     ``activation_bytes``, ``num_microbatches``, ...); ``layers``, per mixer symbol present:
-    ``count`` (layers of the model), ``forward_bytes``, ``backward_bytes``, ``recompute_bytes``
-    and ``total_bytes`` per layer and micro-batch, and the ``collectives`` behind them;
+    ``count`` (layers of the model), ``exchange`` (per softmax branch, ``tails`` or ``halo``),
+    ``forward_bytes``, ``backward_bytes``, ``recompute_bytes`` and ``total_bytes`` per layer
+    and micro-batch, and the ``collectives`` behind them; ``exchanges`` (per softmax kind);
     ``stages`` (bytes per micro-batch and per step of one rank of each pipeline stage),
     ``worst_stage`` and ``step_bytes`` (its step total); ``ulysses``, the all-to-all
     alternative per softmax kind (``window``/``full``). Every byte count is sent and received
@@ -134,9 +184,11 @@ def sp_comm_per_rank(cfg: RunConfig, world_size: int, device_type: str = "cuda")
     slice_tokens = -(-train.seq_length // sp)
     kv_heads = max(1, cfg.model.num_query_groups // p.tp)
     act_bytes = int(resolve_bytes(train.precision, device_type).activation)
+    exchanges = {"window": window_exchange(cfg, device_type), "full": "tails"}
     branches = {
         "linear": _linear_collectives(cfg, sp, kv_heads),
-        "window": _softmax_collectives(cfg, sp, kv_heads, min(window, slice_tokens), act_bytes),
+        "window": _softmax_collectives(cfg, sp, kv_heads, min(window, slice_tokens), act_bytes,
+                                       exchanges["window"]),
         "full": _softmax_collectives(cfg, sp, kv_heads, slice_tokens, act_bytes),
     }
     mixers = [mixer for mixer, _ in cfg.model.layers]
@@ -146,8 +198,10 @@ def sp_comm_per_rank(cfg: RunConfig, world_size: int, device_type: str = "cuda")
         collectives = [c for branch in MIXER_BRANCHES[mixer] for c in branches[branch]]
         repeated = [c for branch in MIXER_BRANCHES[mixer] if branch in again
                     for c in branches[branch]]
-        layers[mixer] = {"count": mixers.count(mixer), **_totals(collectives, repeated),
-                         "collectives": collectives}
+        layers[mixer] = {"count": mixers.count(mixer),
+                         "exchange": {kind: exchanges[kind] for kind in MIXER_BRANCHES[mixer]
+                                      if kind in exchanges},
+                         **_totals(collectives, repeated), "collectives": collectives}
     dp = max(1, p.resolved_dp(world_size))
     micro_batches = micro_batches_per_step(cfg, dp)
     stages = []
@@ -157,15 +211,16 @@ def sp_comm_per_rank(cfg: RunConfig, world_size: int, device_type: str = "cuda")
                        "bytes_per_step": per_mb * micro_batches})
     worst = max(stages, key=lambda s: s["bytes_per_step"])
     softmax_kinds = {kind for mixer in layers for kind in MIXER_BRANCHES[mixer]} - {"linear"}
-    halo = {kind: _totals(branches[kind], branches[kind] if kind in again else [])
-            for kind in ("window", "full") if kind in softmax_kinds}
+    exchanged = {kind: _totals(branches[kind], branches[kind] if kind in again else [])
+                 for kind in ("window", "full") if kind in softmax_kinds}
     return {
         "enabled": True, "sp": sp, "seq_length": train.seq_length, "slice_tokens": slice_tokens,
         "micro_batch_size": train.micro_batch_size, "kv_heads": kv_heads,
         "head_dim": cfg.model.kv_channels, "sliding_window": window,
         "activation_bytes": act_bytes, "recompute": train.recompute,
         "document_mask": cfg.data.document_mask, "dp": dp, "num_microbatches": micro_batches,
+        "exchanges": {kind: exchanges[kind] for kind in exchanged},
         "layers": layers, "stages": stages, "worst_stage": worst["stage"],
         "step_bytes": worst["bytes_per_step"],
-        "ulysses": _ulysses(cfg, sp, slice_tokens, act_bytes, halo),
+        "ulysses": _ulysses(cfg, sp, slice_tokens, act_bytes, exchanged, exchanges),
     }

@@ -4,7 +4,7 @@ config, before launching."""
 from __future__ import annotations
 
 from sbtrain.config.schema import RunConfig
-from sbtrain.profiler.comm import sp_comm_per_rank
+from sbtrain.profiler.comm import MIXER_BRANCHES, sp_comm_per_rank
 from sbtrain.profiler.counting import count_parameters
 from sbtrain.profiler.flops import flops_per_token
 from sbtrain.profiler.memory import estimate_memory_per_rank
@@ -138,8 +138,16 @@ def _bytes(value: float) -> str:
     return f"{value:,.2f} TiB"
 
 
-COMM_ROWS = {"L": "GLA state", "W": "window halo", "*": "full K/V", "H": "state + halo",
-             "F": "state + full K/V"}
+BRANCH_ROWS = {"linear": "GLA state", "window": "window {}", "full": "full K/V {}"}
+"""Row label of each communicating branch; a softmax branch names its exchange."""
+EXCHANGE_ROWS = {"tails": "all-gather", "halo": "send/recv"}
+
+
+def _comm_row(code: str, exchanges: dict[str, str]) -> str:
+    """``W`` -> ``window send/recv`` (halo) or ``window all-gather`` (tails); ``H`` ->
+    ``GLA state + window ...``."""
+    return " + ".join(BRANCH_ROWS[branch].format(EXCHANGE_ROWS.get(exchanges.get(branch), ""))
+                      for branch in MIXER_BRANCHES[code])
 
 
 def _comm_section(plan: dict) -> list[str]:
@@ -149,11 +157,11 @@ def _comm_section(plan: dict) -> list[str]:
     lines = [
         f"sequence-parallel traffic per rank (sp {comm['sp']}, slice {comm['slice_tokens']:,} "
         f"tokens; ring collectives, each rank sends and receives this much)",
-        f"  {'layer':<6}{'count':>6}  {'what':<17}{'forward':>12}{'backward':>12}"
+        f"  {'layer':<6}{'count':>6}  {'what':<31}{'forward':>12}{'backward':>12}"
         f"{'recompute':>12}{'per layer/mb':>14}",
     ]
     for code, info in comm["layers"].items():
-        lines.append(f"  {code:<6}{info['count']:>6}  {COMM_ROWS[code]:<17}"
+        lines.append(f"  {code:<6}{info['count']:>6}  {_comm_row(code, info['exchange']):<31}"
                      f"{_bytes(info['forward_bytes']):>12}{_bytes(info['backward_bytes']):>12}"
                      f"{_bytes(info['recompute_bytes']):>12}{_bytes(info['total_bytes']):>14}")
     worst = comm["stages"][comm["worst_stage"]]
@@ -163,8 +171,8 @@ def _comm_section(plan: dict) -> list[str]:
     uly = comm["ulysses"]
     for kind, info in uly["kinds"].items():
         lines.append(f"  Ulysses (all-to-all of q, k, v, o) per {kind}-attention layer/mb: "
-                     f"{_bytes(info['total_bytes'])} vs {_bytes(info['halo_total_bytes'])} "
-                     f"gathered here ({info['ratio']:.2f}x)")
+                     f"{_bytes(info['total_bytes'])} vs {_bytes(info['exchange_total_bytes'])} "
+                     f"by the {info['exchange']} exchange ({info['ratio']:.2f}x)")
     if uly["kinds"] and not uly["heads_divisible"]:
         lines.append(f"  (Ulysses needs heads {uly['heads']} and kv heads {uly['kv_heads']} per "
                      f"TP rank divisible by sp {comm['sp']}; padding them is not counted)")

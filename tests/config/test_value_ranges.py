@@ -27,6 +27,8 @@ CASES = [
     ("train.exit_duration_minutes=-1", "train.exit_duration_minutes", "must be >= 0"),
     ("train.hang_timeout_minutes=-1", "train.hang_timeout_minutes", "must be >= 0"),
     ("parallel.timeout_minutes=0", "parallel.timeout_minutes", "must be > 0"),
+    ("parallel.sp_softmax_exchange=ulysses", "parallel.sp_softmax_exchange",
+     "unknown exchange 'ulysses'; known: tails, halo, auto"),
 ]
 
 
@@ -43,6 +45,13 @@ def test_out_of_range_value_names_key_and_file(config_file, override, key, messa
         load_config(config_file, [override])
     assert info.value.key == key and message in info.value.message
     assert str(config_file) in str(info.value)
+
+
+def test_sp_softmax_exchange_values_load(config_file):
+    assert load_config(config_file).parallel.sp_softmax_exchange == "tails"      # the default
+    for value in ("tails", "halo", "auto"):
+        cfg = load_config(config_file, [f"parallel.sp_softmax_exchange={value}"])
+        assert cfg.parallel.sp_softmax_exchange == value
 
 
 def test_new_safety_keys_load(tmp_path):

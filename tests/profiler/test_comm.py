@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from parallel.sequence import resolved_softmax_exchange, sp_context
 from sbtrain.config import load_config
 from sbtrain.profiler import format_plan, make_plan
-from sbtrain.profiler.comm import sp_comm_per_rank
+from sbtrain.profiler.comm import sp_comm_per_rank, window_exchange
 
 TINY = "examples/configs/tiny.yaml"
 SEVEN_B = "examples/configs/spikingbrain_7b.yaml"
@@ -112,7 +115,7 @@ def test_ulysses_comparison():
     for kind, halo in (("window", 18_456), ("full", 36_888)):
         info = ulysses["kinds"][kind]
         assert (info["forward_bytes"], info["total_bytes"]) == (forward, 2 * forward)
-        assert info["halo_total_bytes"] == halo
+        assert (info["exchange"], info["exchange_total_bytes"]) == ("tails", halo)
     assert not ulysses["heads_divisible"]                    # 2 kv heads, sp 4
     assert comm("model.pattern=L-")["ulysses"]["kinds"] == {}
 
@@ -141,3 +144,88 @@ def test_7b_at_128k_sp8_doc_numbers():
     # (2 * 28 + 2 * 4) heads of [1, 16384, 128] bf16, 7/8 of it, forward + grads + recompute
     ulysses = result["ulysses"]["kinds"]["window"]
     assert ulysses["total_bytes"] == 3 * 7 * (64 * 16_384 * 128 * 2) // 8 == 704_643_072
+
+
+# parallel.sp_softmax_exchange: the base's window 8 fits in the 16-token slices, so halo runs.
+# The halo sends its last window [b=2, 2*Hkv=4, w=8, D=16] bf16 = tail(8) = 2,048 bytes to the
+# next rank and receives as much (forward), and the gradient back the same way (backward).
+HALO = tail(8)
+
+
+def test_halo_tails_and_full_bytes_by_exchange():
+    assert HALO == 2_048
+    by_exchange = {name: comm("model.pattern=W-*-", f"parallel.sp_softmax_exchange={name}")
+                   for name in ("tails", "halo", "auto")}
+    tails, halo, auto = (by_exchange[name] for name in ("tails", "halo", "auto"))
+    # tails: all-gather of every rank's tail (3n) and the all-reduce of [P, tail] (6n)
+    assert tails["exchanges"] == {"window": "tails", "full": "tails"}
+    assert tails["layers"]["W"]["exchange"] == {"window": "tails"}
+    assert (tails["layers"]["W"]["forward_bytes"], tails["layers"]["W"]["backward_bytes"]) == (
+        LENGTH + 3 * HALO, 6 * HALO) == (6_168, 12_288)
+    # halo: one send/recv of n each way; the slice-length all-gather stays
+    assert halo["exchanges"] == {"window": "halo", "full": "tails"}
+    window = halo["layers"]["W"]
+    assert window["exchange"] == {"window": "halo"}
+    assert (window["forward_bytes"], window["backward_bytes"], window["total_bytes"]) == (
+        LENGTH + HALO, HALO, LENGTH + 2 * HALO) == (2_072, 2_048, 4_120)
+    assert [c["op"] for c in window["collectives"]] == ["all_gather", "send_recv", "send_recv"]
+    # full attention gathers every key under any setting: [b, 4, s=16, D] bf16 = 4,096 bytes
+    for result in by_exchange.values():
+        full = result["layers"]["*"]
+        assert full["exchange"] == {"full": "tails"}
+        assert (full["forward_bytes"], full["backward_bytes"]) == (24 + 3 * 4_096, 6 * 4_096)
+    # auto picks the cheaper one: the halo's 4,120 bytes against the tails' 18,456
+    assert auto["exchanges"] == halo["exchanges"] and auto["layers"] == halo["layers"]
+    assert auto["step_bytes"] == 4 * (4_120 + 36_888) < tails["step_bytes"] == 4 * (18_456 + 36_888)
+    # the Ulysses comparison is against the exchange the run uses
+    assert halo["ulysses"]["kinds"]["window"]["exchange"] == "halo"
+    assert halo["ulysses"]["kinds"]["window"]["exchange_total_bytes"] == 4_120
+
+
+def test_halo_bytes_with_documents_recompute_and_fp32():
+    docs = comm("model.pattern=W-", "parallel.sp_softmax_exchange=halo", "data.document_mask=true")
+    assert docs["layers"]["W"]["forward_bytes"] == LENGTH + HALO + 2 * 8 * 4     # + [b, w] int32
+    again = comm("model.pattern=W-", "parallel.sp_softmax_exchange=halo", "train.recompute=full")
+    assert again["layers"]["W"]["recompute_bytes"] == LENGTH + HALO
+    fp32 = comm("model.pattern=W-", "parallel.sp_softmax_exchange=halo", device_type="cpu")
+    assert fp32["layers"]["W"]["backward_bytes"] == tail(8, itemsize=4) == 4_096
+
+
+def test_auto_and_halo_keep_tails_when_a_slice_is_shorter_than_the_window():
+    # T = 16: slices of 4 tokens < window 8, so the window reaches several ranks back
+    for name in ("halo", "auto"):
+        short = comm("model.pattern=W-", "train.seq_length=16", f"parallel.sp_softmax_exchange={name}")
+        assert short["exchanges"] == {"window": "tails"}
+        assert short["layers"]["W"]["forward_bytes"] == LENGTH + 3 * tail(4) == 3_096
+
+
+def test_auto_resolves_to_what_the_plan_counts():
+    # the ops get "halo" for auto (its own fallback covers short slices and full attention)
+    assert [resolved_softmax_exchange(name) for name in ("tails", "halo", "auto")] == [
+        "tails", "halo", "halo"]
+    with pytest.raises(ValueError, match="unknown softmax exchange 'both'"):
+        resolved_softmax_exchange("both")
+    for seq in (16, 64):                   # slices shorter than / at least the window
+        cfgs = [load_config(TINY, ["parallel.sp=4", "model.sliding_window=8", f"train.seq_length={seq}",
+                                   f"parallel.sp_softmax_exchange={name}"]) for name in ("auto", "halo")]
+        assert window_exchange(cfgs[0]) == window_exchange(cfgs[1])
+    assert sp_context(None, "auto") is None                   # sp 1: nothing to exchange
+
+
+def test_plan_text_names_the_exchange():
+    text = format_plan(make_plan(load_config(TINY, ["parallel.sp=4", "model.sliding_window=8",
+                                                    "model.pattern=H-F-",
+                                                    "parallel.sp_softmax_exchange=auto"])))
+    assert "GLA state + window send/recv" in text
+    assert "GLA state + full K/V all-gather" in text
+    assert "by the halo exchange" in text and "by the tails exchange" in text
+
+
+def test_7b_at_128k_sp8_halo_doc_numbers():
+    # docs/sequence_parallel.md: one window [1, 8, 4096, 128] bf16 = 8 MiB each way, recompute on
+    cfg = load_config(SEVEN_B, ["parallel.sp=8", "train.seq_length=131072",
+                                "parallel.sp_softmax_exchange=auto"])
+    swa = sp_comm_per_rank(cfg, 16)["layers"]["W"]
+    window = 1 * 8 * 4096 * 128 * 2
+    assert (swa["forward_bytes"], swa["backward_bytes"]) == (7 * 8 + window, window)
+    assert swa["total_bytes"] == 2 * (7 * 8 + window) + window == 25_165_936
