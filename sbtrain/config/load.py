@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
@@ -14,6 +15,12 @@ import yaml
 from sbtrain.config.errors import ConfigError
 from sbtrain.config.schema import RunConfig
 from sbtrain.config.stages import apply_stage, read_stages
+
+logger = logging.getLogger("sbtrain.config")
+
+# Keys renamed since they shipped: old dotted key -> new field name in the same section. The old
+# name is still read (with a warning) so existing YAML files and --set lines keep working.
+RENAMED_KEYS = {"parallel.sequence_parallel": "tp_sequence_parallel"}
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None,
@@ -120,7 +127,7 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
-    for key, value in raw.items():
+    for key, value in _renamed(raw, prefix).items():
         dotted = f"{prefix}{key}"
         if key not in fields:
             close = difflib.get_close_matches(str(key), sorted(fields), n=1)
@@ -133,6 +140,21 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
         if exc.key and prefix and not exc.key.startswith(prefix):
             raise ConfigError(exc.message, key=prefix + exc.key.split(".")[-1]) from None
         raise
+
+
+def _renamed(raw: dict, prefix: str) -> dict:
+    """``raw`` with the renamed keys of this section under their new names (warns once each)."""
+    out = dict(raw)
+    for key in raw:
+        new = RENAMED_KEYS.get(f"{prefix}{key}")
+        if new is None:
+            continue
+        if new in raw:
+            raise ConfigError(f"both the old name and {prefix}{new} are set; keep {prefix}{new}",
+                              key=f"{prefix}{key}")
+        logger.warning("%s%s is deprecated; write %s%s", prefix, key, prefix, new)
+        out[new] = out.pop(key)
+    return out
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

@@ -192,8 +192,10 @@ class ParallelConfig:
     ep: int = 1
     sp: int = 1
     """Sequence (context) parallel size: Megatron's context_parallel_size."""
-    sequence_parallel: bool = False
-    """Megatron's TP sequence parallelism (shard activations over TP); needed for MoE with TP."""
+    tp_sequence_parallel: bool = False
+    """Megatron's tensor-parallel sequence parallelism (activations between layers split over the
+    TP group); needed for MoE with tp > 1. Not ``sp``, which splits sequences over its own group.
+    Called ``sequence_parallel`` before 2026-12 (still read, with a deprecation warning)."""
     timeout_minutes: float = 30.0
     """Process-group (collective) timeout; a collective waiting longer fails the run. Keep it
     above train.hang_timeout_minutes, so that the watchdog reports a hang (with stacks) first."""

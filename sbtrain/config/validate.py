@@ -55,30 +55,30 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> None:
     if cfg.model.num_query_groups % p.tp or cfg.model.num_attention_heads % p.tp:
         raise ConfigError(f"attention heads and query groups must divide by tp={p.tp}",
                           key="parallel.tp")
-    if p.tp > 1 and cfg.model.has_moe and not p.sequence_parallel:
-        raise ConfigError("MoE with tp > 1 needs sequence_parallel: true", key="parallel.sequence_parallel")
-    if p.sequence_parallel and any(mixer in "LHF" for mixer, _ in cfg.model.layers):
+    if p.tp > 1 and cfg.model.has_moe and not p.tp_sequence_parallel:
+        raise ConfigError("MoE with tp > 1 needs tp_sequence_parallel: true", key="parallel.tp_sequence_parallel")
+    if p.tp_sequence_parallel and any(mixer in "LHF" for mixer, _ in cfg.model.layers):
         # Linear attention runs on whole sequences; Megatron's TP sequence parallelism
         # would hand it a sequence shard per rank.
         raise ConfigError("linear-attention layers ('L', 'H', 'F') do not support "
-                          "sequence_parallel yet", key="parallel.sequence_parallel")
-    if p.sequence_parallel and cfg.model.sink_tokens:
+                          "tp_sequence_parallel yet", key="parallel.tp_sequence_parallel")
+    if p.tp_sequence_parallel and cfg.model.sink_tokens:
         # the sinks are prepended to the whole sequence, before any sequence split
-        raise ConfigError("model.sink_tokens does not support sequence_parallel yet",
-                          key="parallel.sequence_parallel")
+        raise ConfigError("model.sink_tokens does not support tp_sequence_parallel yet",
+                          key="parallel.tp_sequence_parallel")
     if cfg.train.loss_chunk_tokens != "auto" and cfg.train.loss_chunk_tokens > 0 and p.tp > 1:
         # the chunked loss needs the whole vocabulary on one rank (auto falls back to Megatron's)
         raise ConfigError("the chunked loss needs tp = 1 (vocab-parallel logits use Megatron's "
                           "cross-entropy): set 0 or auto", key="train.loss_chunk_tokens")
-    if p.sequence_parallel and p.tp == 1:
-        raise ConfigError("sequence_parallel needs tp > 1", key="parallel.sequence_parallel")
+    if p.tp_sequence_parallel and p.tp == 1:
+        raise ConfigError("tp_sequence_parallel needs tp > 1", key="parallel.tp_sequence_parallel")
     if p.sp > 1 and cfg.train.seq_length % p.sp:
         raise ConfigError(f"seq_length {cfg.train.seq_length} must divide by sp = {p.sp} "
                           "(every rank holds an equal contiguous slice)", key="train.seq_length")
-    if p.sp > 1 and p.sequence_parallel:
+    if p.sp > 1 and p.tp_sequence_parallel:
         # the two split the same sequence axis; their combination is not tested
-        raise ConfigError("sp > 1 together with tensor-parallel sequence_parallel is not "
-                          "supported yet", key="parallel.sequence_parallel")
+        raise ConfigError("sp > 1 together with tp_sequence_parallel is not "
+                          "supported yet", key="parallel.tp_sequence_parallel")
     if p.overlap_param_gather is True and not cfg.optim.distributed_optimizer:
         # Megatron gathers parameters only from the distributed optimizer's shards
         raise ConfigError("needs optim.distributed_optimizer: true", key="parallel.overlap_param_gather")

@@ -47,7 +47,7 @@ def to_megatron_config(cfg: RunConfig, params_dtype: torch.dtype):
         pipeline_model_parallel_size=p.pp,
         expert_model_parallel_size=p.ep,
         context_parallel_size=p.sp,
-        sequence_parallel=p.sequence_parallel,
+        sequence_parallel=p.tp_sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,

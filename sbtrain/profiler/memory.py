@@ -158,7 +158,7 @@ def stage_activation_bytes(cfg: RunConfig, stage: int, act_bytes: float,
     # every layer also carries the sink tokens' positions (on every sequence-parallel rank;
     # the logits do not)
     tokens = (cfg.train.seq_length / p.sp + model.sink_tokens) * cfg.train.micro_batch_size
-    common_split = p.tp if p.sequence_parallel else 1
+    common_split = p.tp if p.tp_sequence_parallel else 1
 
     def per_layer(mixer: str, ffn: str, kept: str) -> float:
         per_token = activation_bytes_per_token(model, mixer, ffn, kept, act_bytes)

@@ -203,6 +203,18 @@ def test_overrides_are_typed(tmp_path: Path):
     assert cfg.data.paths == ["a", "b"]
 
 
+def test_renamed_key_is_read_with_a_warning(tmp_path: Path, caplog):
+    """parallel.sequence_parallel (Megatron's TP-SP) is now parallel.tp_sequence_parallel: the old
+    name still loads, from the file and from --set; both names at once is an error naming the key."""
+    with caplog.at_level("WARNING", logger="sbtrain.config"):
+        cfg = load_config(write(tmp_path, {"parallel": {"sequence_parallel": True}}))
+    assert cfg.parallel.tp_sequence_parallel is True
+    assert "parallel.sequence_parallel is deprecated; write parallel.tp_sequence_parallel" in caplog.text
+    assert load_config(write(tmp_path, ""), ["parallel.sequence_parallel=true"]).parallel.tp_sequence_parallel
+    both = write(tmp_path, {"parallel": {"sequence_parallel": True, "tp_sequence_parallel": False}})
+    assert_names(load_error(both), "parallel.sequence_parallel", both)
+
+
 def test_override_wins_over_file_and_later_wins(tmp_path: Path):
     path = write(tmp_path, {"train": {"seq_length": 64}})
     assert load_config(path, ["train.seq_length=32"]).train.seq_length == 32
@@ -290,7 +302,7 @@ def validate_error(cfg: RunConfig, world: int, source: str = "") -> ConfigError:
         (cfg_with(parallel={"dp": 2, "tp": 2}, train={"global_batch_size": 8}), 8,
          "parallel.dp", "the world size is 8"),
         (cfg_with("*E", parallel={"ep": 4}), 2, "parallel.ep", "ep=4 must divide dp*sp = 2"),
-        (cfg_with("*E", parallel={"ep": 2, "tp": 2, "sequence_parallel": True}), 2,
+        (cfg_with("*E", parallel={"ep": 2, "tp": 2, "tp_sequence_parallel": True}), 2,
          "parallel.ep", "dp*sp = 1"),
         (cfg_with("*-*-", parallel={"ep": 2}), 2, "parallel.ep", "no MoE"),
         (cfg_with("*E", moe={"num_experts": 3}, parallel={"ep": 2}), 2,
@@ -299,19 +311,19 @@ def validate_error(cfg: RunConfig, world: int, source: str = "") -> ConfigError:
         (cfg_with(model={"num_query_groups": 1}, parallel={"tp": 2}), 2, "parallel.tp", "tp=2"),
         (cfg_with(model={"hidden_size": 48, "num_attention_heads": 6, "num_query_groups": 6},
                   parallel={"tp": 4}, train={"global_batch_size": 2}), 4, "parallel.tp", "tp=4"),
-        (cfg_with("*-*E", parallel={"tp": 2}), 2, "parallel.sequence_parallel", "MoE"),
-        (cfg_with(parallel={"sequence_parallel": True}), 1, "parallel.sequence_parallel",
+        (cfg_with("*-*E", parallel={"tp": 2}), 2, "parallel.tp_sequence_parallel", "MoE"),
+        (cfg_with(parallel={"tp_sequence_parallel": True}), 1, "parallel.tp_sequence_parallel",
          "needs tp > 1"),
         (cfg_with(parallel={"sp": 4}, train={"seq_length": 66}), 4, "train.seq_length", "sp = 4"),
-        (cfg_with("L-*E", parallel={"tp": 2, "ep": 2, "sequence_parallel": True}), 4,
-         "parallel.sequence_parallel", "linear-attention layers"),
-        (cfg_with("H-*E", parallel={"tp": 2, "ep": 2, "sequence_parallel": True}), 4,
-         "parallel.sequence_parallel", "linear-attention layers"),
+        (cfg_with("L-*E", parallel={"tp": 2, "ep": 2, "tp_sequence_parallel": True}), 4,
+         "parallel.tp_sequence_parallel", "linear-attention layers"),
+        (cfg_with("H-*E", parallel={"tp": 2, "ep": 2, "tp_sequence_parallel": True}), 4,
+         "parallel.tp_sequence_parallel", "linear-attention layers"),
         (cfg_with("*-*E", model={"sink_tokens": 4},
-                  parallel={"tp": 2, "ep": 2, "sequence_parallel": True}), 4,
-         "parallel.sequence_parallel", "sink_tokens"),
-        (cfg_with(parallel={"tp": 2, "sp": 2, "sequence_parallel": True}), 4,
-         "parallel.sequence_parallel", "sp > 1 together with"),
+                  parallel={"tp": 2, "ep": 2, "tp_sequence_parallel": True}), 4,
+         "parallel.tp_sequence_parallel", "sink_tokens"),
+        (cfg_with(parallel={"tp": 2, "sp": 2, "tp_sequence_parallel": True}), 4,
+         "parallel.tp_sequence_parallel", "sp > 1 together with"),
         (cfg_with(train={"micro_batch_size": 2, "global_batch_size": 6}), 2,
          "train.global_batch_size", "micro_batch_size*dp = 4"),
         (cfg_with(train={"micro_batch_size": 3, "global_batch_size": 4}), 1,
@@ -341,7 +353,7 @@ def test_validate_names_the_file():
         (cfg_with(), 2),  # dp inferred: 2
         (cfg_with("*-*E", parallel={"ep": 2}), 2),
         (cfg_with("*-*E", parallel={"pp": 2, "ep": 2}, train={"global_batch_size": 4}), 4),
-        (cfg_with("*-*E", parallel={"tp": 2, "ep": 2, "sequence_parallel": True}), 4),
+        (cfg_with("*-*E", parallel={"tp": 2, "ep": 2, "tp_sequence_parallel": True}), 4),
         (cfg_with(parallel={"dp": 2, "pp": 2}), 4),
         (cfg_with(data={"kind": "indexed", "paths": ["p"], "tokenizer": "t.json"}), 1),
     ],
