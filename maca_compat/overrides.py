@@ -117,6 +117,15 @@ OVERRIDES: tuple[Override, ...] = (
         "get_gpt_layer_local_spec builds for RMSNorm",
         "checkpoint keys and numerics of stock local GPT layers, with sbtrain's slots filled",
         "test_provider_layer_matches_the_local_gpt_layer"),
+    Override(
+        "sbtrain.model.batch.BatchContext", "megatron.core.packed_seq_params.PackedSeqParams",
+        "GPTModel forwards packed_seq_params untouched to every layer's self_attention and core "
+        "attention (full recompute by keyword, not saved as a tensor) and reads only qkv_format, "
+        "cp_group, max_seqlen_q/kv (RoPE length), tokens_per_sample and, for qkv_format 'thd' "
+        "only, cu_seqlens_*",
+        "the per-micro-batch context (documents, SP metadata) reaches every mixer through "
+        "Megatron's per-batch carrier, built once instead of per layer",
+        "test_packed_seq_params_reads"),
 )
 
 

@@ -11,7 +11,7 @@ The collectives are autograd-aware where gradients must cross ranks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +31,8 @@ class SPContext:
         group: the sequence-parallel process group (size > 1).
         lengths: every rank's slice length, when the caller knows them; None: the ops
             all-gather them per call (slices may differ in length).
+        documents: [P, b, s] every rank's segment ids (equal slices), gathered once per
+            micro-batch by :meth:`for_batch`; None: the ops gather the edges they need per call.
     """
 
     group: ProcessGroup
@@ -39,6 +41,7 @@ class SPContext:
     """How softmax attention gets earlier slices' keys (``ops.attention.sequence_parallel``
     EXCHANGES): ``tails`` (all-gather every rank's tail) or ``halo`` (send/recv from the
     previous rank only, when every slice holds at least one window)."""
+    documents: Tensor | None = field(default=None, repr=False)
 
     @property
     def rank(self) -> int:
@@ -47,6 +50,14 @@ class SPContext:
     @property
     def size(self) -> int:
         return dist.get_world_size(self.group)
+
+    def for_batch(self, local: int, documents: Tensor | None) -> SPContext:
+        """This context with one micro-batch's metadata: every slice is ``local`` tokens long
+        (``parallel.sequence.slice_bounds`` splits evenly: nothing to gather) and, with
+        ``documents`` ([b, local] ids of this rank's slice), every rank's ids from one
+        all-gather, which the ops then slice instead of gathering per layer."""
+        gathered = None if documents is None else all_gather_values(documents, self.group)
+        return replace(self, lengths=(local,) * self.size, documents=gathered)
 
     def slice_lengths(self, local: int, device: torch.device) -> list[int]:
         """Every rank's slice length (``local`` is this rank's)."""

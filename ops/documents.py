@@ -6,11 +6,14 @@ imports nothing of ours.
 A training sample concatenates documents separated by EOD tokens. With
 ``data.document_mask`` on, every token carries the id of its document (the EOD token
 closes its own document), attention never crosses ids and GLA restarts its state at
-each new id. The ids travel through Megatron's ``attention_mask`` argument as a [b, s]
-integer tensor: O(s) memory instead of an [s, s] boolean mask.
+each new id. The ids are a [b, s] integer tensor (O(s) memory instead of an [s, s] boolean
+mask); ``Documents`` bundles them with what the ops derive from them, built once per
+micro-batch (``sbtrain.model.batch``) and read by every layer.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,10 +24,32 @@ def segment_ids_from_tokens(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     return (torch.cumsum(is_eod, dim=-1) - is_eod).to(torch.int32)
 
 
-# Every GLA layer of a forward (and its recompute) asks for the same micro-batch's offsets;
-# torch.nonzero synchronises with the device, so the last answer is kept. The entry holds the
-# ids tensor itself, so a freed tensor's reused address cannot match a stale entry.
-_LAST: tuple[torch.Tensor, int, torch.Tensor] | None = None
+@dataclass(frozen=True, eq=False)
+class Documents:
+    """One micro-batch's packed documents, derived once (``from_ids``) and handed to every layer.
+
+    Attributes:
+        ids: [b, s] integer segment ids (``segment_ids_from_tokens``; under sequence parallelism
+            this rank's slice of the global ids).
+        cu_seqlens: ids' :func:`cu_seqlens_from_segments`, what the GLA kernels take: computed
+            here once, because ``torch.nonzero`` synchronises with the device.
+        block_masks: flex_attention block masks of these documents, filled by the first layer
+            that needs one (``ops.attention.flex``, keyed by length, sinks and window) and
+            reused by the others; it lives and dies with the micro-batch.
+    """
+
+    ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    block_masks: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor) -> "Documents":
+        return cls(ids, cu_seqlens_from_segments(ids))
+
+
+def document_ids(documents: "Documents | torch.Tensor | None") -> torch.Tensor | None:
+    """The [b, s] ids of ``documents`` (ops take a ``Documents`` or the bare ids tensor)."""
+    return documents.ids if isinstance(documents, Documents) else documents
 
 
 def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -32,16 +57,8 @@ def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
 
     Every row boundary also starts a new sequence, so the result describes independent
     sequences in FlashAttention's varlen convention: ``[0, len_0, len_0 + len_1, ...]``.
+    Synchronises with the device: compute it once per micro-batch (``Documents.from_ids``).
     """
-    global _LAST
-    if _LAST is not None and _LAST[0] is segment_ids and _LAST[1] == segment_ids._version:
-        return _LAST[2]
-    cu_seqlens = _cu_seqlens(segment_ids)
-    _LAST = (segment_ids, segment_ids._version, cu_seqlens)
-    return cu_seqlens
-
-
-def _cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
     batch, seq = segment_ids.shape
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]

@@ -14,15 +14,17 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from ops.comm import SPContext
 from ops.documents import segment_ids_from_tokens
 from ops.loss import linear_cross_entropy
 from parallel.data import microbatches
 from parallel.param_gather import wait_for_params
-from parallel.sequence import slice_microbatch
+from parallel.sequence import slice_microbatch, sp_context
 from sbtrain.checkpoint import checkpoint_dir
 from sbtrain.checkpoint_writer import CheckpointWriter
 from sbtrain.config import RunConfig, dump_config
 from sbtrain.data.datasets import document_eod
+from sbtrain.model.batch import batch_context
 from sbtrain.observe import RunObserver
 from sbtrain.safety import RunLock, StepGuard, StopRequest, TrainingDiverged, Verdict
 from sbtrain.setup_report import report_setup
@@ -34,17 +36,24 @@ from sbtrain.watchdog import Watchdog
 logger = logging.getLogger("sbtrain.train")
 
 
-def _forward_step(data_iterator, model, loss_chunk_tokens: int = 0):
+def _forward_step(data_iterator, model, loss_chunk_tokens: int = 0, sp: SPContext | None = None,
+                  sink_tokens: int = 0):
     """One micro-batch forward; ``loss_chunk_tokens`` > 0 (``train.loss_chunk_tokens`` resolved,
-    e.g. ``auto`` on a GPU with tp 1) replaces GPTModel's output layer + loss by ``ops.loss``."""
+    e.g. ``auto`` on a GPU with tp 1) replaces GPTModel's output layer + loss by ``ops.loss``.
+
+    The micro-batch's documents and SP slice metadata are derived here, once, into a
+    ``sbtrain.model.batch.BatchContext`` that rides in Megatron's ``packed_seq_params`` to every
+    layer (``sp``: the structural SP context, None for sp 1; ``sink_tokens``: the model's)."""
     batch = next(data_iterator)
     extra = {}
     if loss_chunk_tokens:
         extra["output_processor"] = partial(_chunked_loss, loss_chunk_tokens,
                                             wait=partial(wait_for_params, model))
-    # Megatron's attention_mask argument carries the [b, s] segment ids of packed documents.
-    output = model(batch["tokens"], batch["position_ids"], batch.get("segment_ids"),
-                   labels=batch["labels"], **extra)
+    seq = batch["tokens"].shape[1]
+    rope_length = (1 if sp is None else sp.size) * (sink_tokens + seq)
+    context = batch_context(seq, batch.get("segment_ids"), sp, rope_length)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   packed_seq_params=context, **extra)
     return output, partial(_loss, batch["loss_mask"], batch["loss_tokens"])
 
 
@@ -89,6 +98,8 @@ class Trainer:
         """Checkpoint saves (asynchronous with checkpoint.async_save); built by setup()."""
         self.observer: RunObserver | None = None
         """metrics.jsonl and its sinks, traces, the end-of-run plot; built by setup()."""
+        self._sp: SPContext | None = None
+        """The SP group's context (parallel.sp > 1), completed per micro-batch by _forward_step."""
 
     def setup(self) -> TrainState:
         self.state = build_train_state(self.cfg, self.source)
@@ -106,6 +117,7 @@ class Trainer:
                                     self.state.device, self.state.groups.rank)
         if self.cfg.data.document_mask:
             self.eod = document_eod(self.cfg)
+        self._sp = sp_context(self.state.groups.pg_collection, self.cfg.parallel.sp_softmax_exchange)
         if self.state.is_logging_rank:
             run_dir = Path(self.cfg.train.run_dir)
             dump_config(self.cfg, run_dir / "resolved_config.yaml")
@@ -182,7 +194,7 @@ class Trainer:
         num_micro = t.global_batch_size // (t.micro_batch_size * s.groups.dp_size)
         losses = get_forward_backward_func()(
             forward_step_func=partial(_forward_step, loss_chunk_tokens=t.resolved_loss_chunk_tokens(
-                self.cfg.parallel.tp, s.device.type)),
+                self.cfg.parallel.tp, s.device.type), sp=self._sp, sink_tokens=self.cfg.model.sink_tokens),
             data_iterator=self._timed_batches(self._device_batches(step, split)),
             model=[s.model],
             num_microbatches=num_micro,

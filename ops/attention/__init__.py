@@ -47,7 +47,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None, doc
         q: [B, H, Lq, D] queries; the first ``sinks`` rows are sink tokens.
         k, v: [B, Hkv, Lk, D] keys and values; the first ``sinks`` rows are sink tokens.
         window: previous positions each query sees besides its own; None: unlimited.
-        documents: [B, Tq] integer document ids of the regular tokens; None: one document.
+        documents: [B, Tq] integer document ids of the regular tokens, bare or as the
+            micro-batch's ``ops.documents.Documents`` (which keeps the block masks built from
+            them for the next layers); None: one document.
         sinks: number of sink tokens S.
         positions: explicit global positions of the regular queries and keys; None: the indices.
         sp: the SP context when the regular rows are this rank's slice of split sequences.

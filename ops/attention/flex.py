@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ops.attention.masks import BLOCK_SIZE, MaskLayout, Positions, check_inputs, mask_layout, mask_mod, tile_structure
 from ops.backends import Check, triton_available
+from ops.documents import Documents, document_ids
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import AuxRequest, BlockMask
@@ -66,33 +67,21 @@ def effective_window(T: int, window: int | None) -> int | None:
     return None if window is None or window >= T - 1 else window
 
 
-def _document_key(documents: Tensor) -> tuple | None:
-    """Cache key of a documents tensor, or None when the tensor cannot be versioned."""
-    try:
-        version = documents._version
-    except RuntimeError:  # inference-mode tensors have no version counter
-        return None
-    return (documents.data_ptr(), version, tuple(documents.shape), documents.stride(), documents.dtype,
-            documents.device)
-
-
 class BlockMaskCache:
     """Block masks of calls without explicit positions, reused across calls.
 
-    Without documents a mask depends only on (length, sinks, window, device): a few are kept.
-    With documents only the latest mask is kept, because every layer of one forward pass sees
-    the same ids and the next batch brings new ones. That entry holds a reference to its ids
-    so the storage cannot be freed and its address handed to a new batch's ids while the key
-    (address, version counter, shape) still matches.
+    Without documents a mask depends only on (length, sinks, window, device): a few are kept
+    here. With documents the mask is kept on the micro-batch's ``ops.documents.Documents``
+    (every layer of one forward pass gets the same object; the next batch brings a new one);
+    bare id tensors build a mask per call.
     """
 
     def __init__(self, max_plain: int = 8) -> None:
         self.max_plain = max_plain
         self.builds = 0
         self._plain: dict[tuple, BlockMask] = {}
-        self._document: tuple[tuple, Tensor, BlockMask] | None = None
 
-    def get(self, L: int, sinks: int, window: int | None, documents: Tensor | None,
+    def get(self, L: int, sinks: int, window: int | None, documents: Documents | Tensor | None,
             device: torch.device) -> BlockMask:
         """The block mask of a length-L call (sinks included), built on a miss."""
         window = effective_window(L - sinks, window)
@@ -103,18 +92,16 @@ class BlockMaskCache:
                     self._plain.pop(next(iter(self._plain)))
                 self._plain[key] = self._build(L, sinks, window, None, device)
             return self._plain[key]
-        doc_key = _document_key(documents)
-        key = None if doc_key is None else (*doc_key, L, sinks, window)
-        if key is not None and self._document is not None and self._document[0] == key:
-            return self._document[2]
-        mask = self._build(L, sinks, window, documents, device)
-        self._document = None if key is None else (key, documents, mask)
-        return mask
+        if not isinstance(documents, Documents):
+            return self._build(L, sinks, window, documents, device)
+        key = (L, sinks, window, device)
+        if key not in documents.block_masks:
+            documents.block_masks[key] = self._build(L, sinks, window, documents.ids, device)
+        return documents.block_masks[key]
 
     def clear(self) -> None:
-        """Drop every cached mask."""
+        """Drop every cached mask without documents."""
         self._plain.clear()
-        self._document = None
 
     def _build(self, L: int, sinks: int, window: int | None, documents: Tensor | None,
                device: torch.device) -> BlockMask:
@@ -184,7 +171,7 @@ def verify_flex(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None, d
                 sinks: int = 0, positions: Positions | None = None, scale: float | None = None) -> Check:
     """Accept CUDA calls in fp16/bf16/fp32 with a head dim the flex kernels are tuned for, every
     index tensor on q's device."""
-    index = (documents,) if positions is None else (documents, *vars(positions).values())
+    index = (document_ids(documents),) if positions is None else (document_ids(documents), *vars(positions).values())
     tensors = [q, k, v, *(t for t in index if t is not None)]
     if any(t.device.type != "cuda" for t in tensors):
         return False, "flex_attention kernels need CUDA tensors"

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ops.documents import Documents, document_ids
+
 BLOCK_SIZE = 128
 # Position of a key that only ``k_always`` can make visible (sinks, padding): greater than every
 # real position, and real - FAR or real + FAR does not overflow int64.
@@ -104,7 +106,7 @@ def _check_ids(name: str, t: Tensor | None, shape: tuple[int, ...], bool_: bool 
         raise ValueError(f"{name} must be a{' bool' if bool_ else'n integer'} tensor; got {t.dtype}")
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, window: int | None, documents: Tensor | None,
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, window: int | None, documents: Documents | Tensor | None,
                  sinks: int, positions: Positions | None) -> None:
     """Raise ``ValueError`` when the arguments do not follow the op's layout contract."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -120,7 +122,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, window: int | None, documents:
         raise ValueError(f"window must be None or >= 0 (0 means the diagonal only); got {window}")
     if sinks < 0 or sinks > min(Lq, Lk):
         raise ValueError(f"sinks must be in [0, min(Lq, Lk)] = [0, {min(Lq, Lk)}]; got {sinks}")
-    _check_ids("documents", documents, (B, Lq - sinks))
+    _check_ids("documents", document_ids(documents), (B, Lq - sinks))
     if positions is None:
         if Lq != Lk:
             raise ValueError(f"q and k must have one length without positions; got {Lq} and {Lk}")
@@ -141,11 +143,11 @@ def _sink_docs(docs: Tensor, sinks: int, fill: Tensor | int) -> Tensor:
     return torch.cat([head, docs], dim=1).contiguous()
 
 
-def mask_layout(Lq: int, Lk: int, *, window: int | None, documents: Tensor | None, sinks: int,
+def mask_layout(Lq: int, Lk: int, *, window: int | None, documents: Documents | Tensor | None, sinks: int,
                 positions: Positions | None, device: torch.device) -> MaskLayout:
     """The :class:`MaskLayout` of one call (arguments as :func:`ops.attention.attention`)."""
     is_sink = torch.arange(Lk, device=device) < sinks
-    docs = None if documents is None else documents.to(device)
+    docs = None if documents is None else document_ids(documents).to(device)
     if positions is None:
         q_pos = torch.arange(Lq, device=device)
         k_pos = torch.where(is_sink, FAR, torch.arange(Lk, device=device))

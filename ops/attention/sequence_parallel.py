@@ -47,6 +47,7 @@ from ops.comm import (
     from_previous_rank,
     from_previous_rank_values,
 )
+from ops.documents import document_ids
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def sp_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None, documen
     slice; ``documents [b, s_r]`` global ids sliced like the tokens) -> ``[b, H, S + s_r, D]``.
     ``exchange``: a name in EXCHANGES; None: ``sp.softmax_exchange``."""
     regular_k, regular_v = k[:, :, sinks:], v[:, :, sinks:]
+    documents = document_ids(documents)
     got = EXCHANGES[exchange or sp.softmax_exchange](regular_k, regular_v, documents, window, sp)
     keys = torch.cat([k[:, :, :sinks], got.keys], dim=2)
     values = torch.cat([v[:, :, :sinks], got.values], dim=2)
@@ -107,7 +109,7 @@ def exchange_halo(k: Tensor, v: Tensor, documents: Tensor | None, window: int | 
     key_valid = torch.cat([torch.full((window,), rank > 0, device=device),   # rank 0: no halo
                            torch.ones(seq, dtype=torch.bool, device=device)])
     key_documents = None if documents is None else torch.cat(
-        [from_previous_rank_values(documents[:, seq - window:], sp.group), documents], dim=1)
+        [_previous_documents(documents, window, sp), documents], dim=1)
     positions = Positions(query=own, key=torch.cat([start - window + torch.arange(window, device=device), own]),
                           key_valid=key_valid, key_documents=key_documents)
     heads = k.shape[1]
@@ -128,10 +130,27 @@ def _tail_positions(starts, lengths, tails, width, rank, device) -> tuple[Tensor
 
 
 def _tail_documents(documents: Tensor, tails, width, rank, sp: SPContext) -> Tensor:
+    """Ids of the gathered tail slots (-1 in padding) followed by this slice's ids: sliced from
+    the micro-batch's ``sp.documents`` when it has them, else all-gathered here."""
     seq = documents.shape[1]
-    tail = F.pad(documents[:, seq - tails[rank]:], (width - tails[rank], 0), value=-1)
-    gathered = all_gather_values(tail, sp.group)                  # [P, b, width]
+    if sp.documents is not None:
+        gathered = torch.stack([F.pad(ids[:, ids.shape[1] - tail:], (width - tail, 0), value=-1)
+                                for ids, tail in zip(sp.documents.unbind(0), tails)])
+    else:
+        tail = F.pad(documents[:, seq - tails[rank]:], (width - tails[rank], 0), value=-1)
+        gathered = all_gather_values(tail, sp.group)              # [P, b, width]
     return torch.cat([*gathered.unbind(0), documents], dim=1)
+
+
+def _previous_documents(documents: Tensor, window: int, sp: SPContext) -> Tensor:
+    """The previous rank's last ``window`` ids (zeros on rank 0), from ``sp.documents`` when the
+    micro-batch gathered them, else received here."""
+    if sp.documents is None:
+        return from_previous_rank_values(documents[:, documents.shape[1] - window:], sp.group)
+    if sp.rank == 0:
+        return torch.zeros_like(documents[:, documents.shape[1] - window:])
+    previous = sp.documents[sp.rank - 1]
+    return previous[:, previous.shape[1] - window:]
 
 
 EXCHANGES: dict[str, Callable[..., Exchanged]] = {"tails": exchange_tails, "halo": exchange_halo}

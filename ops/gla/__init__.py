@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ops.comm import SPContext
+from ops.documents import document_ids
 from ops.gla.local import TORCH_CHUNK_SIZE, gla_documents, local_gla
 from ops.gla.reference import (
     gla_chunked_reference,
@@ -48,7 +49,9 @@ def gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | None = None,
         initial_state: ``[N, Hkv, K, V]`` or None (zeros); N = B, or the number of packed sequences.
         output_final_state: also return the state after each sequence's last token.
         cu_seqlens: ``[N + 1]`` offsets of packed sequences (FlashAttention convention); needs B == 1.
-        documents: ``[B, T - sinks]`` integer document ids of the regular tokens (token form).
+        documents: ``[B, T - sinks]`` integer document ids of the regular tokens (token form),
+            bare or as the micro-batch's ``ops.documents.Documents`` (which brings their
+            cu_seqlens, computed once per micro-batch instead of per layer).
         sinks: the first ``sinks`` positions are sink tokens (token form).
         sp: the SP context when the regular rows are this rank's slice (token form).
 
@@ -86,7 +89,7 @@ def _token_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, documen
     else:
         out = gla_documents(q, k, v, g, scale, documents)
         if state is not None:
-            out = out + initial_state_output(q, g, state, scale, documents).to(out.dtype)
+            out = out + initial_state_output(q, g, state, scale, document_ids(documents)).to(out.dtype)
     return out if not sinks else torch.cat([out_sinks.to(out.dtype), out], dim=1)
 
 

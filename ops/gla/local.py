@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ops.backends import dispatch
-from ops.documents import cu_seqlens_from_segments
+from ops.documents import Documents, cu_seqlens_from_segments
 from ops.gla import fla_backend, gqa
 from ops.gla.reference import gla_chunked_reference
 
@@ -35,13 +35,18 @@ fla_backend.register(local_gla.registry)  # type: ignore[attr-defined]
 gqa.register(local_gla.registry)  # type: ignore[attr-defined]
 
 
-def gla_documents(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, documents: Tensor | None) -> Tensor:
+def gla_documents(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float,
+                  documents: Documents | Tensor | None) -> Tensor:
     """``[B, T, ...]`` -> ``o [B, T, H, V]`` from a zero state per row, restarted at every new id of
-    ``documents [B, T]`` (the rows are flattened into one packed sequence for the kernel)."""
+    ``documents [B, T]`` (the rows are flattened into one packed sequence for the kernel; a
+    ``Documents`` brings the offsets, bare ids have them computed here, a device sync)."""
     if documents is None:
         return local_gla(q, k, v, g, scale=scale)[0]
     batch, seq = q.shape[:2]
-    cu_seqlens = cu_seqlens_from_segments(documents)
+    if isinstance(documents, Documents):
+        cu_seqlens = documents.cu_seqlens
+    else:
+        cu_seqlens = cu_seqlens_from_segments(documents)
     flat = [t.reshape(1, batch * seq, *t.shape[2:]) for t in (q, k, v, g)]
     out, _ = local_gla(*flat, scale=scale, cu_seqlens=cu_seqlens)
     return out.reshape(batch, seq, *out.shape[2:])

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ops.comm import SPContext, all_gather_values, all_gather_with_grad
+from ops.documents import document_ids
 from ops.gla.local import gla_documents
 from ops.gla.reference import initial_state_output
 
@@ -62,6 +63,7 @@ def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, sp: SPConte
     ``[b, Hkv, K, V]``: the state every row and document starts from (None: zero)."""
     batch = q.shape[0]
     out = gla_documents(q, k, v, g, scale, documents)
+    documents = document_ids(documents)
     if documents is None:
         first_doc = last_doc = None
         through = torch.ones(batch, device=q.device)
@@ -71,7 +73,7 @@ def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, sp: SPConte
         # an incoming state passes through only a slice that is one document throughout
         through = first_doc.amin(1)
     group, rank = sp.group, sp.rank
-    continues = _continues(documents, group, rank, batch, q.device)
+    continues = _continues(documents, sp, batch, q.device)
     if initial_state is not None:
         out = out + initial_state_output(q, g, initial_state, scale, documents).to(out.dtype)
     state, log_total = _slice_state(k, v, g, last_doc, initial_state)
@@ -96,13 +98,18 @@ def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, sp: SPConte
     return out + term.to(out.dtype)
 
 
-def _continues(documents: Tensor | None, group, rank: int, batch: int, device) -> Tensor:
+def _continues(documents: Tensor | None, sp: SPContext, batch: int, device) -> Tensor:
     """[b] 1 where this slice's first token continues the previous slice's last document
-    (rank 0 receives nothing, so its value does not matter)."""
+    (rank 0 receives nothing, so its value does not matter). The edges come from the
+    micro-batch's ``sp.documents`` when it has them, else from an all-gather here."""
     if documents is None:
         return torch.ones(batch, device=device)
-    edges = torch.stack([documents[:, 0], documents[:, -1]], dim=-1)
-    gathered = all_gather_values(edges, group)                # [P, b, 2], every rank joins
+    rank = sp.rank
+    if sp.documents is not None:
+        gathered = torch.stack([sp.documents[:, :, 0], sp.documents[:, :, -1]], dim=-1)
+    else:
+        edges = torch.stack([documents[:, 0], documents[:, -1]], dim=-1)
+        gathered = all_gather_values(edges, sp.group)         # [P, b, 2], every rank joins
     if rank == 0:
         return torch.ones(batch, device=device)
     return (gathered[rank, :, 0] == gathered[rank - 1, :, 1]).float()

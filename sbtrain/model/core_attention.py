@@ -6,8 +6,9 @@ knows no sliding window or document mask) with ``ops.attention.attention``: SDPA
 parallelism are arguments of the op. This module keeps the Megatron adapter: the layout and
 the query neuron.
 
-``attention_mask`` carries sbtrain's per-token segment ids ([b, s] integers, see
-``ops.documents``) or None; attention never crosses a segment boundary.
+The micro-batch's documents and SP slice metadata arrive in ``packed_seq_params`` as a
+``sbtrain.model.batch.BatchContext`` (segment ids in ``attention_mask`` still work for direct
+model calls); attention never crosses a segment boundary.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from megatron.core.transformer.module import MegatronModule
 
 from ops.attention import attention
 from ops.comm import SPContext
+from ops.documents import Documents
 from parallel.sequence import sp_context
+from sbtrain.model.batch import context_of
 
 
 class SoftmaxCoreAttention(MegatronModule):
@@ -57,24 +60,25 @@ class SoftmaxCoreAttention(MegatronModule):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None) -> torch.Tensor:
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("SoftmaxCoreAttention takes neither attention_bias nor "
-                                      "packed_seq_params; packed documents use segment ids")
+        if attention_bias is not None:
+            raise NotImplementedError("SoftmaxCoreAttention takes no attention_bias")
+        documents, sp = context_of(attention_mask, packed_seq_params, self.sp)
         seq, batch = query.shape[:2]
         if self.query_neuron is not None:
             query = self.query_neuron(query)
-        out = causal_attention(query, key, value, self.window, attention_mask,
-                               self.softmax_scale, self.sink_tokens, self.sp)
+        out = causal_attention(query, key, value, self.window, documents,
+                               self.softmax_scale, self.sink_tokens, sp)
         return out.reshape(seq, batch, -1)
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     window: int | None, segment_ids: torch.Tensor | None, scale: float,
+                     window: int | None, documents: Documents | torch.Tensor | None, scale: float,
                      sink_tokens: int = 0, sp: SPContext | None = None) -> torch.Tensor:
     """[s, b, heads, d] q/k/v (GQA) -> [s, b, heads, d] through ``ops.attention.attention``:
-    the first ``sink_tokens`` positions are sink tokens, the window and ``segment_ids``
-    ([b, s - sink_tokens]) cover the rest; ``sp``: the regular positions are this rank's slice."""
+    the first ``sink_tokens`` positions are sink tokens, the window and ``documents``
+    ([b, s - sink_tokens] segment ids) cover the rest; ``sp``: the regular positions are this
+    rank's slice."""
     # [s, b, h, d] -> [b, h, s, d], the op's layout (SDPA's and flex_attention's).
     q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-    out = attention(q, k, v, window=window, documents=segment_ids, sinks=sink_tokens, sp=sp, scale=scale)
+    out = attention(q, k, v, window=window, documents=documents, sinks=sink_tokens, sp=sp, scale=scale)
     return out.permute(2, 0, 1, 3)

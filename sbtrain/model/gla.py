@@ -25,10 +25,12 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from ops.comm import SPContext
+from ops.documents import Documents
 from ops.gla import gla
 from ops.gla_gate import gate_log_decay
 from ops.rmsnorm import head_rms_norm as fused_head_rms_norm
 from parallel.sequence import sp_context
+from sbtrain.model.batch import context_of
 
 FEATURE_MAPS = {"relu": F.relu, "sigmoid": torch.sigmoid}
 
@@ -104,9 +106,10 @@ class GatedLinearAttention(MegatronModule):
         return {} if self.input_neuron is None else {"gate_down": self.gate_down}
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **unused) -> tuple[torch.Tensor, torch.Tensor | None]:
+                packed_seq_params=None, **unused) -> tuple[torch.Tensor, torch.Tensor | None]:
+        documents, sp = context_of(attention_mask, packed_seq_params, self.sp)
         qkv, gate = self.project(hidden_states)
-        out = checkpointed(self.config, self.core, qkv, gate, attention_mask)
+        out = checkpointed(self.config, self.core, qkv, gate, documents, sp)
         seq, batch = hidden_states.shape[:2]
         return self.linear_proj(out.transpose(0, 1).reshape(seq, batch, -1))
 
@@ -117,11 +120,12 @@ class GatedLinearAttention(MegatronModule):
         gate, _ = self.gate_up(self.gate_down(gate_input))
         return qkv, gate
 
-    def core(self, qkv: torch.Tensor, gate: torch.Tensor, segment_ids: torch.Tensor | None):
+    def core(self, qkv: torch.Tensor, gate: torch.Tensor, documents: Documents | None,
+             sp: SPContext | None):
         """Projections -> feature maps, decay, recurrence and output norm, [b, s, H, d]: most of
         the layer's activations, and what ``train.recompute: selective`` recomputes."""
         q, k, v, log_decay = self.heads_and_decay(qkv, gate)
-        return self.output_norm(self.mix(q, k, v, log_decay, segment_ids))
+        return self.output_norm(self.mix(q, k, v, log_decay, documents, sp))
 
     def heads_and_decay(self, qkv: torch.Tensor, gate: torch.Tensor):
         """-> q [b, s, H, d], k/v/log-decay [b, s, G, d] (local heads)."""
@@ -132,10 +136,10 @@ class GatedLinearAttention(MegatronModule):
         q, k = self.feature_map(q), self.feature_map(k)
         return (t.transpose(0, 1) for t in (q, k, v, log_decay))
 
-    def mix(self, q, k, v, log_decay, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    def mix(self, q, k, v, log_decay, documents: Documents | None, sp: SPContext | None) -> torch.Tensor:
         """The gated recurrence (ops.gla); packed documents restart the state per segment."""
-        return linear_attention(q, k, v, log_decay, segment_ids, self.head_dim ** -0.5,
-                                self.sink_tokens, self.sp)
+        return linear_attention(q, k, v, log_decay, documents, self.head_dim ** -0.5,
+                                self.sink_tokens, sp)
 
     def output_norm(self, out: torch.Tensor) -> torch.Tensor:
         return head_rms_norm(out, self.g_norm_weight, self.norm_eps, self.tp_group)
@@ -161,17 +165,17 @@ def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
     return q.reshape(seq, batch, heads, head_dim), k, v
 
 
-def linear_attention(q, k, v, log_decay, segment_ids: torch.Tensor | None, scale: float,
+def linear_attention(q, k, v, log_decay, documents: Documents | torch.Tensor | None, scale: float,
                      sink_tokens: int = 0, sp: SPContext | None = None) -> torch.Tensor:
     """``ops.gla.gla`` over [b, s, heads, d] inputs whose first ``sink_tokens`` positions are sinks.
 
-    Without sinks every row (or every document of ``segment_ids``, [b, s - sink_tokens])
+    Without sinks every row (or every document of ``documents``, [b, s - sink_tokens] ids)
     starts from a zero state. With sinks, the sinks run the recurrence first and the state
     they leave is the initial state of every row and every document: a learned prefix that
     no document boundary erases (the report leaves sinks in linear attention open).
     ``sp``: the regular positions are this rank's slice of sequences split over an SP group.
     """
-    out, _ = gla(q, k, v, log_decay, scale=scale, documents=segment_ids, sinks=sink_tokens, sp=sp)
+    out, _ = gla(q, k, v, log_decay, scale=scale, documents=documents, sinks=sink_tokens, sp=sp)
     return out
 
 

@@ -26,8 +26,11 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.module import MegatronModule
 
+from ops.comm import SPContext
+from ops.documents import Documents
 from ops.gla_gate import gate_log_decay
 from parallel.sequence import sp_context
+from sbtrain.model.batch import context_of
 from sbtrain.model.core_attention import causal_attention
 from sbtrain.model.gla import (
     ProjectionSubmodules,
@@ -80,14 +83,16 @@ class ParallelHybridAttention(MegatronModule):
         return {} if self.query_neuron is None else {"query": None}
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                rotary_pos_emb=None, **unused) -> tuple[torch.Tensor, torch.Tensor | None]:
+                rotary_pos_emb=None, packed_seq_params=None,
+                **unused) -> tuple[torch.Tensor, torch.Tensor | None]:
+        documents, sp = context_of(attention_mask, packed_seq_params, self.sp)
         seq, batch = hidden_states.shape[:2]
         q, k, v = self._qkv(self.linear_qkv, hidden_states)
         # train.recompute: selective keeps only q/k/v here and reruns the branch in backward
-        linear_out = checkpointed(self.config, self._linear_branch, q, k, v, attention_mask)
+        linear_out = checkpointed(self.config, self._linear_branch, q, k, v, documents, sp)
         if not self.shared_projections:
             q, k, v = self._qkv(self.softmax_branch.linear_qkv, hidden_states)
-        softmax_out = self._softmax_branch(q, k, v, attention_mask, rotary_pos_emb)
+        softmax_out = self._softmax_branch(q, k, v, documents, sp, rotary_pos_emb)
         softmax_out = head_rms_norm(softmax_out, self.softmax_norm_weight, self.norm_eps,
                                     self.tp_group)
         if self.shared_projections:
@@ -100,19 +105,20 @@ class ParallelHybridAttention(MegatronModule):
         qkv, _ = linear_qkv(hidden_states)
         return split_qkv(qkv, self.heads, self.groups, self.head_dim)
 
-    def _linear_branch(self, q, k, v, segment_ids) -> torch.Tensor:
+    def _linear_branch(self, q, k, v, documents: Documents | None, sp: SPContext | None) -> torch.Tensor:
         """[s, b, heads, d] -> [s, b, heads, d]: the key-gated recurrence, head-normed."""
         # log(1 - sigmoid(k)) = logsigmoid(-k): exact where sigmoid(k) rounds to 1
         log_decay = gate_log_decay(k, negate=True)
         q, k = torch.sigmoid(q), torch.sigmoid(k)
         q, k, v, log_decay = (t.transpose(0, 1) for t in (q, k, v, log_decay))
-        out = linear_attention(q, k, v, log_decay, segment_ids, self.head_dim ** -0.5,
-                               self.sink_tokens, self.sp)
+        out = linear_attention(q, k, v, log_decay, documents, self.head_dim ** -0.5,
+                               self.sink_tokens, sp)
         # normed before the transpose: the norm's rows are contiguous in [b, s, heads, d]
         out = head_rms_norm(out, self.linear_norm_weight, self.norm_eps, self.tp_group)
         return out.transpose(0, 1)
 
-    def _softmax_branch(self, q, k, v, segment_ids, rotary_pos_emb) -> torch.Tensor:
+    def _softmax_branch(self, q, k, v, documents: Documents | None, sp: SPContext | None,
+                        rotary_pos_emb) -> torch.Tensor:
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
         if rotary_pos_emb is not None:
@@ -122,5 +128,5 @@ class ParallelHybridAttention(MegatronModule):
             k = apply_rotary_pos_emb(k, rotary_pos_emb[1], config=self.config)
         if self.query_neuron is not None:
             q = self.query_neuron(q)
-        return causal_attention(q, k, v, self.window, segment_ids, self.head_dim ** -0.5,
-                                self.sink_tokens, self.sp)
+        return causal_attention(q, k, v, self.window, documents, self.head_dim ** -0.5,
+                                self.sink_tokens, sp)

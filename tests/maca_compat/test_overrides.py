@@ -227,3 +227,25 @@ def test_provider_layer_matches_the_local_gpt_layer():
     for name in ("linear_fc1", "linear_fc2"):   # the activation is ops.swiglu by design
         assert getattr(mlp.keywords["submodules"], name) is \
             getattr(stock_mlp.keywords["submodules"], name)
+
+
+def test_packed_seq_params_reads():
+    """What megatron-core reads from packed_seq_params is what BatchContext provides (the
+    cu_seqlens_* only behind ``qkv_format == 'thd'``, which BatchContext is not); that every layer
+    receives it, full recompute included: tests/model/test_batch_context.py, test_recompute.py."""
+    import importlib
+    import pathlib
+
+    from sbtrain.model.batch import BatchContext
+
+    modules = ["models.gpt.gpt_model", "transformer.transformer_block", "transformer.transformer_layer",
+               "transformer.attention", "models.common.embeddings.rotary_pos_embedding", "transformer.mlp"]
+    sources = [inspect.getsource(importlib.import_module(f"megatron.core.{m}")) for m in modules]
+    moe = pathlib.Path(importlib.import_module("megatron.core.transformer.moe").__file__).parent
+    sources += [path.read_text() for path in moe.glob("*.py")]
+    reads = {name for source in sources for name in re.findall(r"packed_seq_params\.(\w+)", source)}
+    thd_only = {"cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"}
+    provided = {"qkv_format", "cp_group", "max_seqlen_q", "max_seqlen_kv", "tokens_per_sample"}
+    assert reads <= provided | thd_only, reads - provided - thd_only
+    context = BatchContext()
+    assert all(hasattr(context, name) for name in provided) and context.qkv_format != "thd"

@@ -22,6 +22,7 @@ from sbtrain.convert.session import one_process_model
 from sbtrain.model.gla import GatedLinearAttention
 from sbtrain.model.parallel_hybrid import ParallelHybridAttention
 from ops.documents import segment_ids_from_tokens
+from sbtrain.model.batch import batch_context
 from tests.model.test_hybrid_model import random_model
 from tests.parallel.harness import REPO, launch, metrics
 
@@ -65,7 +66,11 @@ def grads_and_core_calls(name: str, policy: str):
             random_model(model, cfg)
             model.train()
             positions = torch.arange(SEQ).expand_as(tokens)
-            loss = model(tokens, positions, segments, labels=tokens.roll(-1, dims=1)).mean()
+            # the trainer's channel: the batch context in packed_seq_params, which Megatron's
+            # full recompute must hand to the rerun layer as well
+            context = batch_context(SEQ, segments, None, SEQ + cfg.model.sink_tokens)
+            loss = model(tokens, positions, None, labels=tokens.roll(-1, dims=1),
+                         packed_seq_params=context).mean()
             loss.backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     finally:

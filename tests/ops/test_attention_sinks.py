@@ -27,6 +27,7 @@ from ops.attention.flex import BLOCK_MASKS as SINK_BLOCK_MASKS
 from ops.attention.flex import BlockMaskCache, build_block_mask, flex_attention_backend
 from ops.attention.lse_merge import lse_merge_attention
 from ops.attention.masks import BLOCK_SIZE, mask_layout, tile_structure
+from ops.documents import Documents
 
 FORCE_ENV = "SB_OP_BACKEND_ATTENTION"
 
@@ -429,10 +430,10 @@ def test_sink_block_mask_cache():
     a = cache.get(428, 128, None, None, cpu)
     assert cache.get(428, 128, None, None, cpu) is a and cache.builds == 1
     assert cache.get(428, 16, None, None, cpu) is not a and cache.builds == 2  # per sink count
-    seg = make_segments(2, 300)
+    seg = Documents.from_ids(make_segments(2, 300))  # one micro-batch's documents
     m = cache.get(428, 128, 5, seg, cpu)
     assert cache.get(428, 128, 5, seg, cpu) is m and cache.builds == 3  # the next layer of the same forward
-    assert cache.get(428, 128, 5, seg.clone(), cpu) is not m  # a new batch
+    assert cache.get(428, 128, 5, Documents.from_ids(seg.ids.clone()), cpu) is not m  # a new batch
     cache.clear()
     assert cache.get(428, 128, None, None, cpu) is not a
 
@@ -524,9 +525,8 @@ def test_gpu_dispatch_picks_flex(compile_enabled):
 @pytest.mark.gpu
 def test_gpu_flex_reuses_document_mask_across_layers(compile_enabled):
     inputs = make_inputs(B=2, H=8, Hkv=2, T=1000, S=128, D=128, dtype=torch.bfloat16, device="cuda")
-    seg = make_segments(2, 1000, device="cuda")
-    SINK_BLOCK_MASKS.clear()
+    seg = Documents.from_ids(make_segments(2, 1000, device="cuda"))  # one micro-batch's, as the trainer builds it
     builds = SINK_BLOCK_MASKS.builds
     for _ in range(4):
         flex_sink_attention(*inputs, 300, seg)
-    assert SINK_BLOCK_MASKS.builds == builds + 1
+    assert SINK_BLOCK_MASKS.builds == builds + 1 and len(seg.block_masks) == 1
