@@ -37,6 +37,7 @@ from ops.documents import segment_ids_from_tokens
 from sbtrain.config import ConfigError, RunConfig, load_config
 from sbtrain.convert.session import load_weights, one_process_model
 from sbtrain.data.datasets import build_datasets, default_cache_dir, document_eod
+from sbtrain.model.batch import batch_context
 from sbtrain.spiking.coding import SCHEMES
 from sbtrain.spiking.layers import attribute_sites, recording
 from sbtrain.spiking.plot import write_plot
@@ -128,8 +129,11 @@ def measure(model: torch.nn.Module, cfg: RunConfig, opts: StatsOptions,
         for i, batch in enumerate(sample_batches(cfg, opts)):
             batch = {k: v.to(device) for k, v in batch.items()}
             segments = None if eod is None else segment_ids_from_tokens(batch["tokens"], eod)
-            per_token = model(batch["tokens"], batch["position_ids"], segments,
-                              labels=batch["labels"])
+            # the documents derived once per batch, as the trainer does (one process: no SP)
+            seq = batch["tokens"].shape[1]
+            context = batch_context(seq, segments, None, cfg.model.sink_tokens + seq)
+            per_token = model(batch["tokens"], batch["position_ids"], None,
+                              labels=batch["labels"], packed_seq_params=context)
             mask = batch["loss_mask"].float()
             loss_sum += float((per_token.float() * mask).sum())
             tokens += float(mask.sum())
