@@ -59,6 +59,13 @@ def launch_env(env: dict | None = None) -> dict:
             **(env or {})}
 
 
+def gpu_launch(env: dict | None) -> bool:
+    """A launch that asks for a GPU platform runs under real torchrun, never forked from the rank
+    server: the server imported torch, Triton and megatron-core in the CPU launch environment
+    (compilation off, ``SB_PLATFORM=cpu``), and CUDA is not fork-safe once anything touched it."""
+    return (env or {}).get("SB_PLATFORM", "cpu") != "cpu"
+
+
 def torchrun_cmd(nproc: int, entry: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={nproc}"] + entry
@@ -70,10 +77,11 @@ def launch(config: Path, nproc: int, extra: list[str] | None = None, timeout: in
     """``nproc`` ranks of ``sbtrain.train config extra`` (or ``entry`` instead of
     ``-m sbtrain.train``), forked from the session's pre-imported rank server
     (``tests/parallel/rank_server.py``); ``torchrun=True``: a real
-    ``torchrun --standalone --nproc_per_node=nproc`` launch (for tests of torchrun's behaviour)."""
+    ``torchrun --standalone --nproc_per_node=nproc`` launch (for tests of torchrun's behaviour,
+    and for every GPU launch, see ``gpu_launch``)."""
     args = [str(config)] + (extra or [])
     entry = entry or ["-m", "sbtrain.train"]
-    if torchrun:
+    if torchrun or gpu_launch(env):
         cmd = torchrun_cmd(nproc, entry + args)
         proc = subprocess.run(cmd, cwd=REPO, env=launch_env(env), capture_output=True,
                               text=True, timeout=timeout)
