@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import io
 import json
+import multiprocessing
 import os
 import runpy
 import signal
@@ -99,6 +100,13 @@ def _rank_main(launch: dict, rank: int, port: int) -> None:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
+        # os._exit skips the interpreter's exit handlers, which would have stopped the processes
+        # this rank started (megatron's persistent async-save worker): stop them here, or each
+        # launch leaves an orphaned worker of ~300 MiB behind
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(Exception):
+                child.terminate()
+                child.join(timeout=KILL_GRACE_S)
         os._exit(code)
 
 
