@@ -34,6 +34,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from tests.forked_child import exit_code, flush_and_exit, redirect_stdio  # noqa: E402
+
 RESULT_TAG = "PROBE_RESULT"
 SEED = 1234
 VOCAB = 128
@@ -707,24 +709,15 @@ def _run_forked_job(job: dict) -> None:
     """In the forked child: output to the job's files, run ``main(argv)``, never return."""
     code = 1
     try:
-        for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
-            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(target, fd)
-            os.close(target)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
+        redirect_stdio(job["stdout"], job["stderr"], append=False)
         main(job["argv"])
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = exit_code(exc)
     except BaseException:  # noqa: BLE001 - report whatever the probe raised, like python would
         traceback.print_exc()
     finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+        flush_and_exit(code)
 
 
 def serve(workers: int, timeout_s: float) -> None:

@@ -33,6 +33,8 @@ import sys
 import time
 import traceback
 
+from tests.forked_child import exit_code, flush_and_exit, redirect_stdio
+
 # What a rank imports before its first step, imported here once before any fork.
 SERVER_IMPORTS = (
     "torch.distributed",
@@ -64,13 +66,7 @@ def _rank_main(launch: dict, rank: int, port: int) -> None:
     """In the forked child: become rank ``rank`` of the launch, run its entry, never return."""
     code = 1
     try:
-        for fd, path in ((1, launch["stdout"]), (2, launch["stderr"])):
-            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(target, fd)
-            os.close(target)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
+        redirect_stdio(launch["stdout"], launch["stderr"], append=True)
         # python -u: every write reaches the file at once, in the order the ranks made them
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
@@ -93,13 +89,10 @@ def _rank_main(launch: dict, rank: int, port: int) -> None:
             runpy.run_path(script, run_name="__main__")
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = exit_code(exc)
     except BaseException:  # noqa: BLE001 - reported like python reports an uncaught error
         traceback.print_exc()
     finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
         # os._exit skips the interpreter's exit handlers, which would have stopped the processes
         # this rank started (megatron's persistent async-save worker): stop them here, or each
         # launch leaves an orphaned worker of ~300 MiB behind
@@ -107,7 +100,7 @@ def _rank_main(launch: dict, rank: int, port: int) -> None:
             with contextlib.suppress(Exception):
                 child.terminate()
                 child.join(timeout=KILL_GRACE_S)
-        os._exit(code)
+        flush_and_exit(code)
 
 
 def _wait(pids: list[int], timeout: float) -> int:
