@@ -790,7 +790,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    print(f"{RESULT_TAG} {rank} {json.dumps(result)}", flush=True)
+    # One write call per line: ranks share the stdout file, and print() writes the text and
+    # the newline separately, so two ranks' results could land on one line (seen in CI).
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), f"{RESULT_TAG} {rank} {json.dumps(result)}\n".encode())
     with contextlib.suppress(Exception):
         if dist.is_initialized():
             dist.barrier()
