@@ -7,6 +7,12 @@ training model FLOPs of ``sbtrain.profiler.flops``. TGS = tokens / num_devices /
 The device is named by ``device_type`` (``cuda``, ``cpu``, ...) and its torch module is
 looked up lazily with ``getattr(torch, device_type)``, so importing this module touches no
 device (and not even torch).
+
+No host stalls inside a step: on a device with timing events (CUDA, and MetaX through the same
+``torch.cuda`` API) a section records an event at each boundary instead of waiting for the
+device, and ``end_step`` waits once, then reads the sections from the events. A wait at every
+boundary drained the queue and left the device idle while the host launched the next section
+(7 waits per step). On CPU (and devices without events) sections are timed on the host.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 GIB = 1024**3
+_UNRESOLVED = object()
 
 
 @dataclass
@@ -51,8 +58,9 @@ def _device_module(device_type: str):
 class ThroughputTracker:
     """Time steps (and named sections inside them) and turn them into throughput numbers.
 
-    ``clock`` is injectable for tests; ``sync`` waits for the device before reading it, so
-    asynchronous kernels are charged to the step that launched them.
+    ``clock`` is injectable for tests; ``sync`` waits for the device at the end of each step
+    (once), so asynchronous kernels are charged to the step that launched them, and times the
+    sections with device events. ``sync=False``: host clock only, no device calls.
     """
 
     def __init__(self, flops_per_token: float, peak_flops_per_device: float, peak_source: str,
@@ -70,14 +78,20 @@ class ThroughputTracker:
         self._step_start: float | None = None
         self._sections: dict[str, float] = {}
         self._nested: dict[str, float] = {}
+        self._pending: list[tuple[str, str | None, object, object]] = []
+        """This step's event-timed sections (name, parent, start, end), read at end_step."""
+        self._spare_events: list = []
+        """Events whose times were read, recorded again by later sections."""
+        self._event_class = _UNRESOLVED
         self._peak_memory: int | None = None
         self._run_start: float | None = None
         """When this run's first step started (elapsed time and ETA)."""
         self.history: list[StepStats] = []
 
     def start_step(self) -> None:
-        self._synchronize()
-        self._sections, self._nested = {}, {}
+        if self._events() is None:
+            self._synchronize()  # host timing: the previous step's work must not count here
+        self._sections, self._nested, self._pending = {}, {}, []
         self._step_start = self._clock()
         if self._run_start is None:
             self._run_start = self._step_start
@@ -86,8 +100,18 @@ class ThroughputTracker:
     def section(self, name: str, parent: str | None = None, sync: bool = True) -> Iterator[None]:
         """Time a named part of the current step; repeated sections add up. A section inside
         ``parent`` is taken out of the parent's time, so the sections do not overlap (e.g.
-        data_wait and grad_reduce happen inside the schedule's forward_backward). ``sync=False``
-        reads the clock without waiting for the device (host-side work such as data loading)."""
+        data_wait and grad_reduce happen inside the schedule's forward_backward). ``sync=True``
+        charges the device's time (events read at end_step; without events: waits for the
+        device at both ends); ``sync=False`` reads the host clock (host-side work such as data
+        loading)."""
+        if sync and self._events() is not None:
+            start = self._recorded_event()
+            try:
+                yield
+            finally:
+                self._pending.append((name, parent, start, self._recorded_event()))
+                self._sections.setdefault(name, 0.0)  # keeps the sections' order of the host path
+            return
         if sync:
             self._synchronize()
         start = self._clock()
@@ -115,9 +139,10 @@ class ThroughputTracker:
         """Close the step; ``tokens`` = tokens processed by the step over all devices."""
         if self._step_start is None:
             raise RuntimeError("end_step() without start_step()")
-        self._synchronize()
+        self._synchronize()  # the step's one wait: its wall time needs the device finished
         elapsed = max(self._clock() - self._step_start, 1e-12)
         self._step_start = None
+        self._read_events()
         peak = self._read_peak_memory()
         for parent, inner in self._nested.items():
             if parent in self._sections:
@@ -161,6 +186,27 @@ class ThroughputTracker:
         if current is not None:
             self._peak_memory = max(self._peak_memory or 0, current)
         return self._peak_memory
+
+    def _events(self):
+        """The device's timing-event class, or None: CPU, ``sync=False``, no events."""
+        if self._event_class is _UNRESOLVED:
+            module = None if not self._sync or self.device_type == "cpu" else (
+                _device_module(self.device_type))
+            self._event_class = getattr(module, "Event", None)
+        return self._event_class
+
+    def _recorded_event(self):
+        event = (self._spare_events.pop() if self._spare_events
+                 else self._events()(enable_timing=True))
+        event.record()
+        return event
+
+    def _read_events(self) -> None:
+        """Charge the step's event-timed sections (after end_step's wait: all have happened)."""
+        for name, parent, start, end in self._pending:
+            self.add_time(name, start.elapsed_time(end) / 1e3, parent)  # ms -> s
+            self._spare_events += (start, end)
+        self._pending = []
 
     def _synchronize(self) -> None:
         if not self._sync:
