@@ -64,11 +64,14 @@ def _chunked_loss(chunk_tokens: int, *, hidden_states, output_layer, output_weig
     fp32 copies). The weight is the output layer's, or the embedding's when tied (the gradient
     then goes to the embedding, as in Megatron's path). ``wait([weight])`` first finishes its
     overlapped all-gather (``parallel.param_gather``): the output layer's forward, where DDP
-    would wait, is not called."""
+    would wait, is not called. The output layer's own ``gradient_accumulation_fusion`` flag (the
+    run's, as Megatron's output layer would use it) decides whether the weight gradient goes
+    straight into ``main_grad`` under DDP (``ops.main_grad``)."""
     weight = output_weight if output_weight is not None else output_layer.weight
     if wait is not None:
         wait([weight])
-    return linear_cross_entropy(hidden_states, weight, labels, chunk_tokens)
+    return linear_cross_entropy(hidden_states, weight, labels, chunk_tokens,
+                                grad_accum_fusion=output_layer.gradient_accumulation_fusion)
 
 
 def _loss(loss_mask: torch.Tensor, loss_tokens: torch.Tensor, per_token_loss: torch.Tensor):
@@ -207,22 +210,25 @@ class Trainer:
         return self._reduce_loss(losses)
 
     def _reduce_loss(self, losses: list[dict]) -> float:
-        """Mean micro-batch loss over the global batch, known on every rank."""
+        """Mean micro-batch loss over the global batch, known on every rank. The sums stay on
+        the device until one read at the end (a read per micro-batch and per group stalled
+        the host while the device drained its queue); added in the micro-batches' order in
+        float64, as the host did."""
         s = self.state
         pgc = s.groups.pg_collection
-        local = torch.zeros(2, dtype=torch.float64)
+        local = torch.zeros(2, dtype=torch.float64, device=s.device)
         if s.groups.is_last_stage and losses:
-            local[0] = sum(float(x["lm loss"]) for x in losses)
+            for x in losses:
+                local[0] += x["lm loss"].to(local)
             # sequence-parallel ranks hold shares of the same micro-batches' losses
             local[1] = len(losses) if pgc.cp.rank() == 0 else 0
-        self._local_loss = float(local[0])
+        reduced = local.clone()
         # Only the last stage has losses: summing over pp broadcasts them; then over the
         # sequence-parallel shares and dp.
         for group in (pgc.pp, pgc.cp, pgc.dp):
-            buf = local.to(s.device)
-            dist.all_reduce(buf, group=group)
-            local = buf.cpu()
-        return float(local[0] / local[1])
+            dist.all_reduce(reduced, group=group)
+        self._local_loss, total, count = torch.cat([local[:1], reduced]).cpu().tolist()  # one read
+        return total / count if count else math.nan  # as the tensor division gave
 
     def train_step(self, step: int, stop: StopRequest | None = None) -> tuple[dict, Verdict]:
         """One step; its update is applied only when every rank agrees that it is sane

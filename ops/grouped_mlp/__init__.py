@@ -17,11 +17,22 @@ row-grouped GEMMs) and ``dW[e] = dY_e^T X_e`` (a GEMM grouped along the reductio
 with the counts kept on the device (no host synchronisation). :func:`grouped_swiglu_mlp`
 composes two of them around the SwiGLU activation (swappable via ``activation``) and
 Megatron's per-token routing-probability scale.
+
+Gradient-accumulation fusion (``grad_accum_fusion``: the run's Megatron
+``gradient_accumulation_fusion``; ``ops.main_grad`` has the protocol): when every expert weight
+has ``main_grad`` (Megatron DDP), the fast backends write ``dW`` into the main grads instead of
+returning ``E`` weight gradients that DDP's hook adds one kernel each. DDP's buffer usually holds
+the experts' main grads at one constant distance (``ops.main_grad.StridedRegion``): Triton's
+``dW`` kernel then accumulates into them in place (fp32, beta = 1: no extra kernel, no bf16
+rounding), ``grouped_mm`` adds its ``[E, N, K]`` result with one elementwise kernel (plus a flip
+when the region runs backwards, as in Megatron's reversed layout); any other layout takes one
+foreach add. The reference backend ignores the flag: its gradients go through autograd and DDP.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,6 +40,7 @@ from torch import Tensor
 from ops.backends import Backend, Check, dispatch, get_registry, triton_available
 from ops.grouped_mlp import torch_backend
 from ops.grouped_mlp.reference import loop_grouped_linear
+from ops.main_grad import ExpertMainGrads
 from ops.swiglu import swiglu
 
 __all__ = ["grouped_linear", "grouped_swiglu_mlp", "swiglu"]
@@ -67,7 +79,8 @@ def _check_args(x: Tensor, tokens_per_expert: Tensor, weight: Weights) -> None:
 
 
 @dispatch("grouped_linear")
-def grouped_linear(x: Tensor, tokens_per_expert: Tensor, weight: Weights) -> Tensor:
+def grouped_linear(x: Tensor, tokens_per_expert: Tensor, weight: Weights, *,
+                   grad_accum_fusion: bool = False) -> Tensor:
     """Per-expert linear over expert-grouped rows (no bias).
 
     Args:
@@ -76,6 +89,9 @@ def grouped_linear(x: Tensor, tokens_per_expert: Tensor, weight: Weights) -> Ten
         weight: ``[E, N, K]``, or a list of ``E`` ``[N, K]``: expert ``e``'s ``nn.Linear``
             weight at ``weight[e]``. A list is stacked inside the op, in the forward and
             again in the backward, so no stacked copy is kept for the backward.
+        grad_accum_fusion: the run's gradient-accumulation fusion; when every weight has
+            ``main_grad`` (Megatron DDP) the fast backends accumulate ``dW`` into it (module doc).
+            This reference returns the gradients to autograd either way.
 
     Returns:
         ``[T, N]`` with ``y[rows of e] = x[rows of e] @ weight[e].T``.
@@ -84,33 +100,66 @@ def grouped_linear(x: Tensor, tokens_per_expert: Tensor, weight: Weights) -> Ten
     return loop_grouped_linear(x, tokens_per_expert, weight)
 
 
-class _GroupedLinearFn(torch.autograd.Function):
-    """Forward/backward of ``grouped_linear`` from two grouped-GEMM primitives.
+@dataclass(frozen=True)
+class GroupedGemms:
+    """A backend's grouped-GEMM primitives.
 
     ``rows_mm(a, groups, b_t)``: ``out[rows of e] = a[rows of e] @ b_t[e]``;
-    ``k_mm(p, groups, q, E)``: ``out[e] = p[rows of e].T @ q[rows of e]``.
+    ``k_mm(p, groups, q, E)``: ``out[e] = p[rows of e].T @ q[rows of e]``;
+    ``k_mm_accum(p, groups, q, region)`` (optional): ``k_mm`` added in place into a
+    ``ops.main_grad.StridedRegion`` (gradient-accumulation fusion).
     ``groups`` is what the primitives take (offsets or counts), built on the device.
+    """
+
+    rows_mm: Callable
+    k_mm: Callable
+    k_mm_accum: Callable | None = None
+
+
+class _GroupedLinearFn(torch.autograd.Function):
+    """Forward/backward of ``grouped_linear`` from a backend's :class:`GroupedGemms`.
+
     ``weights``: one stacked ``[E, N, K]`` tensor or ``E`` tensors ``[N, K]``.
+    ``grad_accum_fusion``: ``dW`` into the weights' ``main_grad`` when they all have one.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, groups: Tensor, rows_mm: Callable, k_mm: Callable, *weights: Tensor):
+    def forward(ctx, x: Tensor, groups: Tensor, gemms: GroupedGemms, grad_accum_fusion: bool,
+                *weights: Tensor):
         ctx.save_for_backward(x, groups, *weights)
-        ctx.rows_mm, ctx.k_mm = rows_mm, k_mm
-        return rows_mm(x, groups, _stacked(_unpacked(weights)).transpose(1, 2))
+        ctx.gemms = gemms
+        # on ctx, not saved (as Megatron keeps main_grad): every backward writes these buffers
+        ctx.main_grads = ExpertMainGrads.of(weights, grad_accum_fusion)
+        return gemms.rows_mm(x, groups, _stacked(_unpacked(weights)).transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, groups, *weights = ctx.saved_tensors
+        gemms: GroupedGemms = ctx.gemms
         weight = _stacked(_unpacked(weights))
         grad_y = grad_y.contiguous()
-        grad_x = ctx.rows_mm(grad_y, groups, weight) if ctx.needs_input_grad[0] else None
+        grad_x = gemms.rows_mm(grad_y, groups, weight) if ctx.needs_input_grad[0] else None
         grad_w: tuple = (None,) * len(weights)
         if any(ctx.needs_input_grad[4:]):
-            stacked_grad = ctx.k_mm(grad_y, groups, x, weight.shape[0])
-            grad_w = (stacked_grad,) if len(weights) == 1 and weights[0].dim() == 3 \
-                else tuple(stacked_grad.unbind(0))
+            if ctx.main_grads is not None:
+                _accumulate_weight_grads(gemms, grad_y, groups, x, ctx.main_grads)
+                grad_w = ctx.main_grads.grads_for_autograd()
+            else:
+                stacked_grad = gemms.k_mm(grad_y, groups, x, weight.shape[0])
+                grad_w = (stacked_grad,) if len(weights) == 1 and weights[0].dim() == 3 \
+                    else tuple(stacked_grad.unbind(0))
         return grad_x, None, None, None, *grad_w
+
+
+def _accumulate_weight_grads(gemms: GroupedGemms, grad_y: Tensor, groups: Tensor, x: Tensor,
+                             main_grads: ExpertMainGrads) -> None:
+    """``main_grad[e] += grad_y[rows of e].T @ x[rows of e]``: in the GEMM when the backend can
+    and the main grads form one strided region, else the GEMM's ``[E, N, K]`` added at once."""
+    region = main_grads.region
+    if gemms.k_mm_accum is not None and region is not None:
+        gemms.k_mm_accum(grad_y, groups, x, region)
+    else:
+        main_grads.add_(gemms.k_mm(grad_y, groups, x, len(main_grads.experts)))
 
 
 def _unpacked(weights: tuple[Tensor, ...]) -> Weights:
@@ -137,26 +186,32 @@ def _device_offsets(tokens_per_expert: Tensor, device: torch.device) -> Tensor:
     return torch.cumsum(_on_device(tokens_per_expert, device), 0).to(torch.int32)
 
 
-def _grouped_mm_linear(x: Tensor, tokens_per_expert: Tensor, weight: Weights) -> Tensor:
+def _grouped_mm_linear(x: Tensor, tokens_per_expert: Tensor, weight: Weights, *,
+                       grad_accum_fusion: bool = False) -> Tensor:
     _check_args(x, tokens_per_expert, weight)
     offsets = _device_offsets(tokens_per_expert, x.device)
-    return _GroupedLinearFn.apply(x.contiguous(), offsets, torch_backend.rows_grouped_mm,
-                                  _grouped_mm_k, *_packed(weight))
+    return _GroupedLinearFn.apply(x.contiguous(), offsets, GROUPED_MM_GEMMS, grad_accum_fusion,
+                                  *_packed(weight))
 
 
 def _grouped_mm_k(p: Tensor, offsets: Tensor, q: Tensor, _num_experts: int) -> Tensor:
     return torch_backend.k_grouped_mm(p, offsets, q)
 
 
-def _triton_linear(x: Tensor, tokens_per_expert: Tensor, weight: Weights) -> Tensor:
+GROUPED_MM_GEMMS = GroupedGemms(torch_backend.rows_grouped_mm, _grouped_mm_k)
+"""torch's grouped matmul has no accumulating form: fused ``dW`` is its bf16 result added at once."""
+
+
+def _triton_linear(x: Tensor, tokens_per_expert: Tensor, weight: Weights, *,
+                   grad_accum_fusion: bool = False) -> Tensor:
     _check_args(x, tokens_per_expert, weight)
     # The kernels' module imports triton; loaded on first call so CPU-only imports stay cheap.
     # deferred: Triton loads only when the GPU backend is called
     from ops.grouped_mlp import triton_kernels
 
     counts = _on_device(tokens_per_expert, x.device).to(torch.int32).contiguous()
-    return _GroupedLinearFn.apply(x.contiguous(), counts, triton_kernels.rows_grouped_mm,
-                                  triton_kernels.k_grouped_mm, *_packed(weight))
+    return _GroupedLinearFn.apply(x.contiguous(), counts, triton_kernels.GEMMS, grad_accum_fusion,
+                                  *_packed(weight))
 
 
 def _tensors_ok(x: Tensor, weight: Weights, dtypes: tuple[torch.dtype, ...]) -> Check:
@@ -170,7 +225,7 @@ def _tensors_ok(x: Tensor, weight: Weights, dtypes: tuple[torch.dtype, ...]) -> 
     return True, "accepted"
 
 
-def _grouped_mm_verifier(x: Tensor, tokens_per_expert: Tensor, weight: Weights) -> Check:
+def _grouped_mm_verifier(x: Tensor, tokens_per_expert: Tensor, weight: Weights, **_options) -> Check:
     """bf16 on a CUDA GPU of compute capability >= 9.0, GEMM widths multiples of 8."""
     ok, reason = _tensors_ok(x, weight, GROUPED_MM_DTYPES)
     if not ok:
@@ -189,7 +244,7 @@ def _grouped_mm_available() -> Check:
     return True, "available"
 
 
-def _triton_verifier(x: Tensor, tokens_per_expert: Tensor, weight: Weights) -> Check:
+def _triton_verifier(x: Tensor, tokens_per_expert: Tensor, weight: Weights, **_options) -> Check:
     return _tensors_ok(x, weight, TRITON_DTYPES)
 
 
@@ -210,7 +265,8 @@ def grouped_swiglu_mlp(x: Tensor, tokens_per_expert: Tensor, w1: Weights, w2: We
                        probs: Tensor | None = None,
                        activation: Callable[[Tensor], Tensor] = swiglu,
                        input_hook: Callable[[Tensor], Tensor] | None = None,
-                       fc2_input_hook: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                       fc2_input_hook: Callable[[Tensor], Tensor] | None = None,
+                       grad_accum_fusion: bool = False) -> Tensor:
     """Every expert's ``fc2(act(fc1(x)) * probs)`` over expert-grouped rows.
 
     Args:
@@ -223,15 +279,16 @@ def grouped_swiglu_mlp(x: Tensor, tokens_per_expert: Tensor, w1: Weights, w2: We
         activation: ``[T, 2F] -> [T, F]``; default SwiGLU.
         input_hook, fc2_input_hook: optional maps of fc1's and fc2's inputs (e.g. a
             spiking neuron, whose per-row threshold makes grouping irrelevant).
+        grad_accum_fusion: passed to both :func:`grouped_linear` calls.
 
     Returns:
         ``[T, H]``.
     """
     if input_hook is not None:
         x = input_hook(x)
-    hidden = activation(grouped_linear(x, tokens_per_expert, w1))
+    hidden = activation(grouped_linear(x, tokens_per_expert, w1, grad_accum_fusion=grad_accum_fusion))
     if probs is not None:
         hidden = (hidden * probs.unsqueeze(-1)).to(x.dtype)
     if fc2_input_hook is not None:
         hidden = fc2_input_hook(hidden)
-    return grouped_linear(hidden, tokens_per_expert, w2)
+    return grouped_linear(hidden, tokens_per_expert, w2, grad_accum_fusion=grad_accum_fusion)

@@ -8,9 +8,11 @@ Two kernels cover the forward and both gradients of ``y = x @ w[e].T`` per exper
   and surplus programs exit.
 * ``k_grouped_mm``: ``out[e] = p[rows of e].T @ q[rows of e]`` (dW). One program per
   (expert, N tile, K tile) loops over that expert's rows; an expert with no rows stores
-  zeros.
+  zeros. ``k_grouped_mm_accum`` is the same kernel adding into existing (fp32) outputs at a
+  constant, possibly negative, distance per expert: the experts' ``main_grad`` in Megatron
+  DDP's buffer (gradient-accumulation fusion, ``ops.main_grad.StridedRegion``).
 
-Both accumulate in fp32 and store in the inputs' dtype. fp32 inputs use IEEE dots (no
+Both accumulate in fp32 and store in the output's dtype (the inputs', or fp32 main grads). fp32 inputs use IEEE dots (no
 TF32), so the fp32 tests compare against the reference tightly.
 """
 
@@ -20,6 +22,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ops.grouped_mlp import GroupedGemms  # the package is loaded first (it imports this lazily)
+from ops.main_grad import StridedRegion
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 64
 NUM_WARPS, NUM_STAGES = 4, 3
@@ -73,7 +78,7 @@ def _k_grouped_kernel(p_ptr, q_ptr, c_ptr, counts_ptr, N, K,
                       stride_pm, stride_pn, stride_qm, stride_qk,
                       stride_ce, stride_cn, stride_ck,
                       E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     expert = tl.program_id(2)
@@ -93,8 +98,12 @@ def _k_grouped_kernel(p_ptr, q_ptr, c_ptr, counts_ptr, N, K,
         q = tl.load(q_ptr + rows[:, None] * stride_qm + offs_k[None, :] * stride_qk,
                     mask=row_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         acc = tl.dot(tl.trans(p), q, acc, input_precision=PRECISION)
+    # stride_ce may be negative (DDP lays the experts' main grads out in reverse)
     c = c_ptr + expert.to(tl.int64) * stride_ce + offs_n[:, None] * stride_cn + offs_k[None, :] * stride_ck
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+    in_tile = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    if ACCUMULATE:
+        acc += tl.load(c, mask=in_tile, other=0.0).to(tl.float32)
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=in_tile)
 
 
 def _precision(t: Tensor) -> str:
@@ -118,9 +127,30 @@ def k_grouped_mm(p: Tensor, counts: Tensor, q: Tensor, num_experts: int) -> Tens
     """``out[e] = p[rows of e].T @ q[rows of e]``; ``p`` [T, N], ``q`` [T, K] -> [E, N, K]."""
     n, k = p.shape[1], q.shape[1]
     out = p.new_empty(num_experts, n, k)
+    _launch_k_grouped(p, counts, q, out, out.stride(0), num_experts, accumulate=False)
+    return out
+
+
+def k_grouped_mm_accum(p: Tensor, counts: Tensor, q: Tensor, region: StridedRegion) -> None:
+    """``main_grad[e] += p[rows of e].T @ q[rows of e]`` for the experts' ``[N, K]`` main grads
+    of ``region`` (beta = 1 in the kernel: the product is never rounded to ``p``'s dtype)."""
+    if region.first.shape != (p.shape[1], q.shape[1]):
+        raise ValueError(f"main grads {tuple(region.first.shape)} != dW [{p.shape[1]}, {q.shape[1]}]")
+    _launch_k_grouped(p, counts, q, region.first, region.step, region.experts, accumulate=True)
+
+
+def _launch_k_grouped(p: Tensor, counts: Tensor, q: Tensor, out: Tensor, expert_stride: int,
+                      num_experts: int, accumulate: bool) -> None:
+    """``out`` is expert 0's output (``[E, N, K]`` or ``[N, K]``); expert ``e``'s starts
+    ``e * expert_stride`` elements after it."""
+    n, k = p.shape[1], q.shape[1]
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K), num_experts)
     _k_grouped_kernel[grid](
         p, q, out, counts, n, k, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), E=num_experts, BM=BLOCK_M, BN=BLOCK_N,
-        BK=BLOCK_K, PRECISION=_precision(p), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    return out
+        expert_stride, out.stride(-2), out.stride(-1), E=num_experts, BM=BLOCK_M, BN=BLOCK_N,
+        BK=BLOCK_K, PRECISION=_precision(p), ACCUMULATE=accumulate, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES)
+
+
+GEMMS = GroupedGemms(rows_grouped_mm, k_grouped_mm, k_grouped_mm_accum)
+"""The Triton backend's primitives for ``ops.grouped_mlp._GroupedLinearFn``."""

@@ -24,7 +24,10 @@ forces one):
 
 Both sum the weight gradient over chunks in fp32 (``chunked.WeightGradSum``: a GEMM with an fp32
 output accumulating into the sum on CUDA, fp32 GEMMs of upcast operands elsewhere), so the result
-does not depend on the chunk size.
+does not depend on the chunk size. With ``grad_accum_fusion`` (the run's Megatron
+``gradient_accumulation_fusion``) and a weight under Megatron DDP, that sum is the weight's fp32
+``main_grad`` itself: no ``[V, h]`` temporary, no cast to the weight's dtype and no DDP add
+(``ops.main_grad`` has the protocol; a tied embedding's ``main_grad`` then gets both gradients).
 ``reference_linear_cross_entropy`` (whole logits, Megatron's unfused math) is the spec in tests.
 
 Math
@@ -70,7 +73,8 @@ __all__ = ["IGNORE_INDEX", "linear_cross_entropy", "reference_linear_cross_entro
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _run(function: type, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int) -> Tensor:
+def _run(function: type, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int,
+         grad_accum_fusion: bool = False) -> Tensor:
     """Check the call, map ``[s, b, h]`` / ``[b, s]`` to token-major rows, apply ``function``, map back."""
     check_inputs(hidden, weight, labels)
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
@@ -78,12 +82,13 @@ def _run(function: type, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_t
     s, b, h = hidden.shape
     tokens_h = hidden.reshape(s * b, h).contiguous()
     tokens_y = labels.t().reshape(s * b)
-    loss = function.apply(tokens_h, weight, tokens_y, chunk_tokens)
+    loss = function.apply(tokens_h, weight, tokens_y, chunk_tokens, bool(grad_accum_fusion))
     return loss.view(s, b).t().contiguous()
 
 
 @dispatch("linear_cross_entropy", reference_name="torch_chunked")
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> Tensor:
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int = 4096, *,
+                         grad_accum_fusion: bool = False) -> Tensor:
     """Per-token cross-entropy of ``hidden @ weight.T`` against ``labels``, ``chunk_tokens`` logits rows at a time.
 
     Args:
@@ -93,19 +98,23 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_t
         chunk_tokens: tokens per chunk (>= 1); the transient memory is about
             ``chunk_tokens * V * (4 + 2 * itemsize)`` bytes on this torch backend (fp32 logits and
             their input-dtype twin), ``chunk_tokens * V * itemsize`` on the Triton backend.
+        grad_accum_fusion: the run's gradient-accumulation fusion (``config.gradient_accumulation_fusion``):
+            when the weight has ``main_grad`` (Megatron DDP) its gradient is accumulated straight
+            into it, chunk by chunk, and autograd gets Megatron's placeholder (``ops.main_grad``).
 
     Returns:
         fp32 losses ``[b, s]`` (contiguous), equal to :func:`reference_linear_cross_entropy` up to
         rounding; differentiable w.r.t. ``hidden`` and ``weight``.
     """
-    return _run(ChunkedLinearCrossEntropy, hidden, weight, labels, chunk_tokens)
+    return _run(ChunkedLinearCrossEntropy, hidden, weight, labels, chunk_tokens, grad_accum_fusion)
 
 
-def _triton_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> Tensor:
+def _triton_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int = 4096, *,
+                                 grad_accum_fusion: bool = False) -> Tensor:
     # deferred: ops.loss.fused imports triton, which CPU-only installs may lack
     from ops.loss.fused import FusedLinearCrossEntropy
 
-    return _run(FusedLinearCrossEntropy, hidden, weight, labels, chunk_tokens)
+    return _run(FusedLinearCrossEntropy, hidden, weight, labels, chunk_tokens, grad_accum_fusion)
 
 
 def _triton_verifier(hidden: Tensor, weight: Tensor, *args, **kwargs) -> Check:

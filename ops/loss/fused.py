@@ -5,7 +5,8 @@ reused by every chunk; ``ops.loss.kernels`` turns them into fp32 logsumexp + los
 in backward, overwrites them in place with ``g * (softmax - onehot)``, which the two gradient
 GEMMs read directly. So the transient memory is one chunk's logits in the inputs'
 dtype (``chunk * V * 2`` bytes in bf16; the torch backend also holds an fp32 copy and its fp32
-gradient) plus the fp32 weight-gradient sum (``ops.loss.chunked.WeightGradSum``).
+gradient) plus the fp32 weight-gradient sum (``ops.loss.chunked.WeightGradSum``; none with
+gradient-accumulation fusion under DDP, where the chunks accumulate into ``weight.main_grad``).
 
 Saved logits or recomputation: when all tokens fit in one chunk (``N <= chunk_tokens``, e.g. an
 8K-token micro-batch under ``train.loss_chunk_tokens: auto``) forward keeps that chunk's logits
@@ -32,6 +33,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ops.loss.chunked import WeightGradSum, chunk_bounds, chunk_logits
 from ops.loss.kernels import grad_logits_, lse_and_loss
+from ops.main_grad import fused_main_grad
 
 
 def _logits_buffer(hidden: Tensor, weight: Tensor, chunk_tokens: int) -> Tensor:
@@ -44,7 +46,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """Same contract as ``ops.loss.chunked.ChunkedLinearCrossEntropy`` (token-major ``[N, h]``, ``[N]``)."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int) -> Tensor:
+    def forward(ctx: FunctionCtx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int,
+                grad_accum_fusion: bool = False) -> Tensor:
         n = hidden.shape[0]
         loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -55,22 +58,23 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             lse_and_loss(logits, labels[start:end], lse[start:end], loss[start:end])
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk_tokens = chunk_tokens
+        ctx.main_grad = fused_main_grad(weight, grad_accum_fusion)  # on ctx, as the torch backend
         # one chunk: its logits are kept for backward, which turns them into the gradient in place
         ctx.saved_logits = buffer if len(chunks) == 1 else None
         return loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         hidden, weight, labels, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_hidden or need_weight):
             ctx.saved_logits = None
-            return None, None, None, None
+            return None, None, None, None, None
         # autograd may hand an expanded (stride 0) or lower-precision gradient; the kernel reads fp32 rows
         grad_loss = grad_loss.to(torch.float32).contiguous()
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = WeightGradSum(weight) if need_weight else None
+        grad_weight = WeightGradSum(weight, ctx.main_grad) if need_weight else None
         saved, ctx.saved_logits = ctx.saved_logits, None  # consumed: a second backward recomputes
         buffer = saved if saved is not None else _logits_buffer(hidden, weight, ctx.chunk_tokens)
         for start, end in chunk_bounds(hidden.shape[0], ctx.chunk_tokens):
@@ -81,4 +85,4 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 torch.mm(g, weight, out=grad_hidden[start:end])
             if grad_weight is not None:
                 grad_weight.add(g, h_chunk)
-        return grad_hidden, None if grad_weight is None else grad_weight.result(), None, None
+        return grad_hidden, None if grad_weight is None else grad_weight.result(), None, None, None

@@ -20,6 +20,11 @@ input its row-parallel (TP-summed) variant, exactly as the spiking linears do. W
 firing recorder is active the per-expert path runs instead, so each expert linear's spikes
 stay attributed to its own site.
 
+Gradient-accumulation fusion: with the run's ``gradient_accumulation_fusion`` the fast grouped
+backends write the experts' weight gradients straight into their DDP ``main_grad`` (one
+accumulating GEMM, or one add over the buffer region holding them) instead of ``E`` bf16
+gradients that DDP's hook adds one by one (``ops.grouped_mlp``, ``ops.main_grad``).
+
 Megatron DDP's ``overlap_param_gather`` waits for a module's parameters in that module's
 forward pre-hook, and the expert linears' forwards are not called here:
 ``uses_child_params_directly`` asks ``parallel.param_gather`` for a pre-hook on this module
@@ -58,6 +63,8 @@ class GroupedExperts(SequentialMLP):
             activation=self._activation(),
             input_hook=self._fc1_input_hook(),
             fc2_input_hook=self._fc2_input_hook(),
+            # Megatron's expert linears would fuse with this flag too (ops.main_grad)
+            grad_accum_fusion=self.config.gradient_accumulation_fusion,
         )
         return output, None
 

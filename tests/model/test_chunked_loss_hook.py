@@ -49,9 +49,9 @@ def compare_with_megatron(untie: bool, dtype: torch.dtype, device: str, monkeypa
     calls = []
     real = ops.loss.linear_cross_entropy
 
-    def spy(hidden, weight, labels, chunk_tokens):
-        calls.append((tuple(hidden.shape), weight.data_ptr(), chunk_tokens))
-        return real(hidden, weight, labels, chunk_tokens)
+    def spy(hidden, weight, labels, chunk_tokens, **options):
+        calls.append((tuple(hidden.shape), weight.data_ptr(), chunk_tokens, options))
+        return real(hidden, weight, labels, chunk_tokens, **options)
 
     monkeypatch.setattr(trainer, "linear_cross_entropy", spy)  # the name the trainer calls
     with one_process_model(cfg, dtype=dtype, device=device) as model:
@@ -60,7 +60,8 @@ def compare_with_megatron(untie: bool, dtype: torch.dtype, device: str, monkeypa
         chunked, chunked_grads = losses_and_grads(model, batch, 5, grad_out)
         weight_name = output_weight_name(model, untie)
         output_weight = dict(model.named_parameters())[weight_name]
-    assert calls == [((12, 2, 32), output_weight.data_ptr(), 5)]
+    # the output layer's fusion flag (off: no DDP here, so no main_grad to fuse into either)
+    assert calls == [((12, 2, 32), output_weight.data_ptr(), 5, {"grad_accum_fusion": False})]
     # tied: the output weight is the embedding's, and so is the gradient
     assert ("embedding" in weight_name) != untie
     assert megatron.shape == chunked.shape == (2, 12) and chunked.dtype == torch.float32

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ops.backends import get_registry
-from ops.grouped_mlp import _GroupedLinearFn, _device_offsets, _grouped_mm_k, grouped_linear, \
-    grouped_swiglu_mlp
-from ops.grouped_mlp import torch_backend
+from ops.grouped_mlp import GROUPED_MM_GEMMS, GroupedGemms, _GroupedLinearFn, _device_offsets, \
+    grouped_linear, grouped_swiglu_mlp
 from ops.grouped_mlp.reference import loop_grouped_linear
 
 # Uneven counts with empty experts (first, middle, last), rows not multiples of any tile.
@@ -86,12 +85,12 @@ def test_reference_equals_independent_per_expert_mlp(monkeypatch, as_list):
         assert (w1_grads[e].abs().sum() == 0) == (count == 0)
 
 
-def _fn_mlp(rows_mm, k_mm, groups_of):
+def _fn_mlp(gemms: GroupedGemms, groups_of, grad_accum_fusion: bool = False):
     """grouped_swiglu_mlp whose GEMMs go through the shared autograd function."""
 
     def linear(x, counts, w):
         ws = (w,) if isinstance(w, torch.Tensor) else tuple(w)
-        return _GroupedLinearFn.apply(x, groups_of(counts), rows_mm, k_mm, *ws)
+        return _GroupedLinearFn.apply(x, groups_of(counts), gemms, grad_accum_fusion, *ws)
 
     def mlp(x, counts, w1, w2, probs):
         gate, up = linear(x, counts, w1).chunk(2, dim=-1)
@@ -114,8 +113,7 @@ def _grouped_mm_runs_on_cpu() -> bool:
 def test_grouped_mm_autograd_equals_reference_on_cpu(as_list):
     """The grouped_mm backend's GEMM plumbing (offsets, transposes, dW grouping) in bf16."""
     args = _inputs(COUNTS, dtype=torch.bfloat16, as_list=as_list)
-    fn = _fn_mlp(torch_backend.rows_grouped_mm, _grouped_mm_k,
-                 lambda c: _device_offsets(c, torch.device("cpu")))
+    fn = _fn_mlp(GROUPED_MM_GEMMS, lambda c: _device_offsets(c, torch.device("cpu")))
     ref = [t.float() for t in _run(_independent_mlp, *args)]
     got = [t.float() for t in _run(fn, *args)]
     _assert_all_close(got, ref, rtol=2e-2, atol=2e-2)
@@ -133,8 +131,7 @@ from test_grouped_mlp import COUNTS, _inputs, _run, _independent_mlp, _fn_mlp, _
 # Default tiles (64 rows): expert 2's 70 rows span two row tiles, N=40/80 a partial tile.
 for as_list in (False,):   # the list form is the same kernels after a stack
     args = _inputs(COUNTS, as_list=as_list)
-    fn = _fn_mlp(triton_kernels.rows_grouped_mm, triton_kernels.k_grouped_mm,
-                 lambda c: c.to(torch.int32))
+    fn = _fn_mlp(triton_kernels.GEMMS, lambda c: c.to(torch.int32))
     _assert_all_close(_run(fn, *args), _run(_independent_mlp, *args), rtol=1e-5, atol=1e-5)
 print("ok")
 """
