@@ -256,6 +256,57 @@ def _gpt_main_grads(p, groups, fusion: bool, tied: bool) -> tuple[float, int, di
     return float(loss), fused, {n: q.main_grad.clone() for n, q in model.named_parameters()}
 
 
+def _moe_chunked_main_grads(p, groups, fusion: bool, tied: bool) -> dict:
+    """A tiny MoE GPT under megatron DDP whose loss is the trainer's chunked output step
+    (``ops.loss``) and whose routed experts run the fast backends' grouped autograd function
+    (per-expert GEMMs on the CPU; the registry sends CPU tensors to the reference, which leaves
+    gradients to DDP): two micro-batches, the main grads, which weights our ops fused, and the
+    experts' main-grad region in DDP's real buffer."""
+    import dataclasses
+    from functools import partial
+
+    import ops.grouped_mlp as grouped_mlp
+    import sbtrain.model.megatron_config as megatron_config
+    from ops.main_grad import ExpertMainGrads
+    from parallel.init import init_parameters_globally
+    from sbtrain.model.builder import build_model
+    from sbtrain.trainer import _chunked_loss
+    from tests.ops.test_grad_accum_fusion import LOOP_GEMMS
+
+    cfg = p.run_config("*E")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, untie_embeddings=not tied))
+    enabled, linear = megatron_config.grad_accum_fusion_enabled, grouped_mlp.grouped_linear
+    megatron_config.grad_accum_fusion_enabled = lambda platform: fusion
+    grouped_mlp.grouped_linear = lambda x, counts, w, grad_accum_fusion=False: (
+        grouped_mlp._GroupedLinearFn.apply(x, counts, LOOP_GEMMS, grad_accum_fusion, *w))
+    try:
+        model, tconfig = build_model(cfg, groups.pg_collection, torch.float32, torch.device("cpu"))
+        init_parameters_globally(model, p.SEED, cfg.model.init_method_std, cfg.model.num_layers)
+        ddp, _ = p.build_ddp_optimizer(groups, tconfig, model)
+        ddp.zero_grad_buffer()
+        loss = 0.0
+        for s in range(2):  # two micro-batches
+            batch = p.make_batch(s)
+            per_token = ddp(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                            output_processor=partial(_chunked_loss, 5))
+            micro_loss = per_token.float().mean()
+            micro_loss.backward()
+            loss += float(micro_loss)
+        ddp.finish_grad_sync()
+    finally:
+        megatron_config.grad_accum_fusion_enabled, grouped_mlp.grouped_linear = enabled, linear
+    names = {q: n for n, q in model.named_parameters()}
+    experts = next(m for m in model.modules() if type(m).__name__ == "GroupedExperts")
+    fc1 = [e.linear_fc1.weight for e in experts.local_experts]
+    region = ExpertMainGrads.of(fc1, True).region
+    output = model.shared_embedding_or_output_weight() if tied else model.output_layer.weight
+    return {"loss": loss, "main_grads": {n: q.main_grad.clone() for n, q in model.named_parameters()},
+            "fused": sorted(names[q] for q in model.parameters() if q.grad_added_to_main_grad),
+            "output_fused": bool(output.grad_added_to_main_grad), "experts": len(fc1),
+            "region_step": None if region is None else region.step,
+            "expert_numel": fc1[0].numel() + experts.local_experts[0].linear_fc2.weight.numel()}
+
+
 def probe_wgrad_fusion(args, p) -> dict:
     groups = p.init_groups()
     p.seed_all()
@@ -270,5 +321,18 @@ def probe_wgrad_fusion(args, p) -> dict:
             "loss_equal": loss_f == loss_p, "num_grads": len(grads_p),
             "main_grad_rel_err": max(_max_rel(grads_f[n], g) for n, g in grads_p.items()),
             "grads_nonzero": all(bool(g.abs().sum() > 0) for g in grads_f.values()),
+        }
+    for name, tied in (("moe_chunked", False), ("moe_chunked_tied", True)):
+        fused = _moe_chunked_main_grads(p, groups, True, tied)
+        plain = _moe_chunked_main_grads(p, groups, False, tied)
+        out[name] = {
+            "loss_equal": fused["loss"] == plain["loss"],
+            "main_grad_rel_err": max(_max_rel(fused["main_grads"][n], g)
+                                     for n, g in plain["main_grads"].items()),
+            "grads_nonzero": sum(bool(g.abs().sum() > 0) for g in fused["main_grads"].values()),
+            "num_grads": len(plain["main_grads"]),
+            "fused": fused["fused"], "plain_fused": plain["fused"],
+            "output_fused": fused["output_fused"], "experts": fused["experts"],
+            "region_step": fused["region_step"], "expert_numel": fused["expert_numel"],
         }
     return out

@@ -594,7 +594,8 @@ def test_foreach_grad_norm_and_scale(probes: ProbeRunner, entry: str):
 
 @pytest.mark.parametrize("entry", entries_for("test_grad_accum_fusion"))
 def test_grad_accum_fusion(probes: ProbeRunner, entry: str):
-    """Column/RowParallelLinear with the fusion == without: forward and every gradient."""
+    """Column/RowParallelLinear with the fusion == without: forward and every gradient; whole
+    tiny GPTs (dense; MoE with the chunked loss and grouped experts fusing too) under DDP."""
     assert_needed(probes, "wgrad_fusion", entry)
     r = probes.get("wgrad_fusion").result
     for dtype in ("fp32", "bf16"):
@@ -617,6 +618,18 @@ def test_grad_accum_fusion(probes: ProbeRunner, entry: str):
         assert gpt["loss_equal"] and gpt["grads_nonzero"] and gpt["num_grads"] > 10, gpt
         assert gpt["main_grad_rel_err"] < 1e-6, gpt
     assert r["gpt_tied"]["num_grads"] == r["gpt"]["num_grads"] - 1  # one weight fewer
+    # MoE GPT whose loss is the trainer's chunked output step and whose experts run the grouped
+    # autograd function (ops.main_grad): the same main grads with our ops fusing too, the
+    # output (or tied embedding) weight and every expert weight among the fused, and the
+    # experts' main grads one region of DDP's real buffer (reversed, fc1/fc2 interleaved)
+    for name, output in (("moe_chunked", "output_layer.weight"),
+                         ("moe_chunked_tied", "embedding.word_embeddings.weight")):
+        moe = r[name]
+        assert moe["loss_equal"] and moe["main_grad_rel_err"] < 1e-6, moe
+        assert moe["grads_nonzero"] == moe["num_grads"] > 10 and moe["plain_fused"] == [], moe
+        experts = [n for n in moe["fused"] if ".local_experts." in n]
+        assert len(experts) == 2 * moe["experts"] and output in moe["fused"] and moe["output_fused"], moe
+        assert moe["region_step"] == -moe["expert_numel"], moe
 
 
 # --------------------------------------------------------------------------- sbtrain's guards
