@@ -126,6 +126,26 @@ OVERRIDES: tuple[Override, ...] = (
         "the per-micro-batch context (documents, SP metadata) reaches every mixer through "
         "Megatron's per-batch carrier, built once instead of per layer",
         "test_packed_seq_params_reads"),
+    Override(
+        "ops.main_grad.grad_for_autograd",
+        "megatron.core.distributed.distributed_data_parallel.DistributedDataParallel."
+        "_make_backward_post_hook",
+        "DDP's hook on each parameter's AccumulateGrad adds param.grad into param.main_grad unless "
+        "param.grad_added_to_main_grad (and not zero_out_wgrad), then sets param.grad = None; "
+        "DDP sets grad_added_to_main_grad = False on every trained parameter in __init__ and "
+        "zero_grad_buffer, and main_grad is a view of its buffer",
+        "gradient-accumulation fusion in ops.loss and ops.grouped_mlp: the weight gradients go "
+        "into main_grad in the op and DDP's add is skipped, Megatron's own protocol",
+        "test_ddp_hook_skips_fused_main_grads"),
+    Override(
+        "sbtrain.trainer._chunked_loss",
+        "megatron.core.tensor_parallel.layers.ColumnParallelLinear.__init__",
+        "the output layer keeps config.gradient_accumulation_fusion as its "
+        "gradient_accumulation_fusion attribute; LanguageModule.setup_embeddings_and_output_layer "
+        "marks the embedding shared with the output layer on one stage zero_out_wgrad",
+        "the chunked loss fuses exactly when Megatron's output layer would, and a tied "
+        "embedding's own gradient still reaches main_grad",
+        "test_output_layer_fusion_flag_and_tied_zero_out"),
 )
 
 

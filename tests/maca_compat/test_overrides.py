@@ -249,3 +249,28 @@ def test_packed_seq_params_reads():
     assert reads <= provided | thd_only, reads - provided - thd_only
     context = BatchContext()
     assert all(hasattr(context, name) for name in provided) and context.qkv_format != "thd"
+
+
+def test_ddp_hook_skips_fused_main_grads():
+    """The behaviour is run in tests/ops/test_grad_accum_fusion.py (with this very hook) and the
+    wgrad_fusion probe (whole DDP); here the source lines it rests on."""
+    from megatron.core.distributed.distributed_data_parallel import DistributedDataParallel as DDP
+
+    hook = _source(DDP._make_backward_post_hook)
+    assert re.search(r"if param\.grad is not None and \(\s*not param\.grad_added_to_main_grad or "
+                     r"getattr\(param, 'zero_out_wgrad', False\)\s*\):\s*param\.main_grad\.add_\(param\.grad\.data\)",
+                     hook), "DDP's hook no longer skips the add for grad_added_to_main_grad"
+    assert "param.grad = None" in hook
+    for method in (DDP.__init__, DDP.zero_grad_buffer):
+        assert "param.grad_added_to_main_grad = False" in _source(method), method.__name__
+
+
+def test_output_layer_fusion_flag_and_tied_zero_out():
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    assert "self.gradient_accumulation_fusion = config.gradient_accumulation_fusion" in \
+        _source(ColumnParallelLinear.__init__)
+    setup = _source(LanguageModule.setup_embeddings_and_output_layer)
+    assert re.search(r"pipeline_model_parallel_size == 1:.*?self\.shared_embedding_or_output_weight\(\)"
+                     r"\.zero_out_wgrad = True", setup, flags=re.S)
