@@ -2,7 +2,7 @@
 
     python3 bench/bench_loss.py [--tokens 8192 32768 131072] [--hidden 3584] [--vocab 152064]
                                 [--chunk-tokens 8192] [--dtype bf16] [--warmup 2] [--iters 5]
-                                [--impls megatron chunked triton]
+                                [--impls megatron chunked triton] [--main-grad]
 
 For each token count T (one sequence: hidden ``[T, 1, h]``, labels ``[1, T]``) the implementations
 run in the same process on the same inputs: ``loss = fn(hidden, weight, labels)`` then the
@@ -23,6 +23,14 @@ as "OOM". Each ``ops.loss`` backend is compared with Megatron's results where bo
 difference|, relative RMS error of each gradient). TFLOP/s counts the useful work of the three
 GEMMs (``6 * T * h * V``), so the ``ops.loss`` backends' forward recomputation shows up as a lower
 rate. Prints a markdown table, then one JSON line. Exits with status 2 when there is no CUDA GPU.
+
+``--main-grad`` adds an A/B of the weight-gradient path under Megatron DDP for the ``ops.loss``
+backends (``chunked``, ``triton``): the weight is a parameter with an fp32 ``main_grad`` and
+megatron-core's own DDP backward hook (``tests/ops/ddp_hooks.py``); ``unfused`` returns the bf16
+``dW`` (an fp32 ``[V, h]`` sum cast to bf16) that the hook adds into ``main_grad``, ``fused``
+(``grad_accum_fusion=True``, what training does on CUDA) accumulates each chunk straight into
+``main_grad``. Time and peak memory per fwd+bwd call, and the relative RMS difference of the two
+``main_grad`` after one call each.
 """
 
 from __future__ import annotations
@@ -67,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--main-grad", action="store_true",
+                   help="also A/B the fused vs unfused weight-gradient path under DDP's main_grad")
     return p.parse_args(argv)
 
 
@@ -185,6 +195,43 @@ def bench_size(T: int, args: argparse.Namespace, impls: dict[str, Callable[..., 
     return row
 
 
+def bench_main_grad(T: int, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Unfused (bf16 dW + DDP's add) vs fused (chunks into main_grad) for each ``ops.loss`` backend."""
+    from tests.ops.ddp_hooks import DDPGrads  # megatron-core's DDP hook on one parameter
+
+    backends = {b.name: b.fn for b in linear_cross_entropy.registry.backends}
+    x = make_inputs(T, args.hidden, args.vocab, DTYPES[args.dtype])
+    weight = torch.nn.Parameter(x["weight"].detach())
+    DDPGrads([weight], overlap_grad_reduce=False)
+    rows = []
+    for impl, backend in (("chunked", "torch_chunked"), ("triton", "triton")):
+        grads = {}
+        for mode, fusion in (("unfused", False), ("fused", True)):
+            def step():
+                x["hidden"].grad = None
+                weight.grad_added_to_main_grad = False  # as DDP's zero_grad_buffer, every step
+                loss = backends[backend](x["hidden"], weight, x["labels"], args.chunk_tokens,
+                                         grad_accum_fusion=fusion)
+                (loss * x["grad_out"]).sum().backward()
+            weight.main_grad.zero_()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            extra = torch.cuda.max_memory_allocated() - before
+            grads[mode] = weight.main_grad.clone()
+            ms = time_ms(step, args.warmup, args.iters)
+            rows.append({"tokens": T, "impl": impl, "mode": mode, "ms": round(ms, 2),
+                         "extra_gib": round(extra / GIB, 2)})
+        rows[-1]["main_grad_rel_rms_vs_unfused"] = float(f"{rel_rms(grads['fused'], grads['unfused']):.3g}")
+        del grads
+    del x, weight
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
 def print_table(rows: list[dict[str, object]], names: list[str]) -> None:
     """One line per (T, implementation): time, peak, rate, and agreement with Megatron."""
     cols = ["ms", "peak_gib", "tflops", "time_vs_megatron", "mem_vs_megatron", "max_abs_loss_diff",
@@ -213,6 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     record = {"bench": "linear_cross_entropy_fwd_bwd", "device": device, "hidden": args.hidden,
               "vocab": args.vocab, "dtype": args.dtype, "chunk_tokens": args.chunk_tokens, "rows": rows}
     print(json.dumps(record))
+    if args.main_grad:
+        mg_rows = [row for T in args.tokens for row in bench_main_grad(T, args)]
+        print("\nweight gradient into DDP's fp32 main_grad: unfused (bf16 dW + DDP add) vs fused\n")
+        print("| T | impl | mode | ms | extra GiB | main_grad rel RMS fused vs unfused |\n|---:|---:|---:|---:|---:|---:|")
+        for row in mg_rows:
+            print(f"| {row['tokens']} | {row['impl']} | {row['mode']} | {row['ms']} | {row['extra_gib']} | "
+                  f"{row.get('main_grad_rel_rms_vs_unfused', '-')} |")
+        print(json.dumps({"bench": "linear_cross_entropy_main_grad", "device": device, "rows": mg_rows}))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
