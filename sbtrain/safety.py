@@ -103,27 +103,30 @@ class StepGuard:
         self.model, self.device = model, device
         self.consecutive = self.total = 0
         self.history: deque[float] = deque(maxlen=SPIKE_WINDOW)
-        self._local_grads_finite = True
+        self._local_grads_bad: torch.Tensor | float = 0.0
+        """1 when this rank's gradients had a NaN/inf: a device tensor, read with the flags."""
 
     def wrap_finalize(self, finalize):
         """Wrap Megatron's finalize_model_grads_func: look at this rank's gradients first."""
 
         def finalize_and_check(*args, **kwargs):
-            self._local_grads_finite = _grads_finite(self.model)
+            self._local_grads_bad = _grads_nonfinite(self.model)
             return finalize(*args, **kwargs)
 
         return finalize_and_check
 
     def check(self, step: int, loss: float, local_loss: float, stop: StopRequest) -> Verdict:
-        """One all-reduce: [loss non-finite, grads non-finite, stop requested] of every rank."""
+        """One all-reduce: [loss non-finite, grads non-finite, stop requested] of every rank,
+        and the step's one host read of the device for the guard (the gradients' check stays on
+        the device until here)."""
         world, rank = dist.get_world_size(), dist.get_rank()
         flags = torch.zeros(world, 3, dtype=torch.float32, device=self.device)
         flags[rank, 0] = float(not math.isfinite(local_loss))
-        flags[rank, 1] = float(not self._local_grads_finite)
+        flags[rank, 1] = self._local_grads_bad
         flags[rank, 2] = float(stop.pending())
         dist.all_reduce(flags)
         flags = flags.cpu()
-        self._local_grads_finite = True
+        self._local_grads_bad = 0.0
         verdict = Verdict(skip_reason=self._skip_reason(loss, flags))
         if flags[:, 2].any():
             verdict.stop_reason = (stop.reason() if stop.pending()
@@ -159,13 +162,14 @@ class StepGuard:
         return self.consecutive >= self.max_skipped
 
 
-def _grads_finite(model) -> bool:
-    """One sum per gradient buffer: any NaN/inf makes it non-finite (no full-size mask)."""
+def _grads_nonfinite(model) -> torch.Tensor | float:
+    """1 if any gradient is NaN/inf: one sum per gradient buffer (no full-size mask), left on
+    the device (a host read here, before the gradient reduction, drained the device's queue)."""
     buffers = getattr(model, "buffers", []) + getattr(model, "expert_parallel_buffers", [])
     if not buffers:
-        return True
+        return 0.0
     total = torch.stack([b.grad_data.sum(dtype=torch.float32) for b in buffers]).sum()
-    return bool(torch.isfinite(total))
+    return torch.isfinite(total).logical_not().float()
 
 
 def _ranks(column: torch.Tensor) -> list[int]:

@@ -120,7 +120,10 @@ class Trainer:
                                     self.state.device, self.state.groups.rank)
         if self.cfg.data.document_mask:
             self.eod = document_eod(self.cfg)
-        self._sp = sp_context(self.state.groups.pg_collection, self.cfg.parallel.sp_softmax_exchange)
+        # the softmax mixers set their layer kind's exchange on it (parallel.sequence.with_exchange)
+        self._sp = sp_context(self.state.groups.pg_collection)
+        if self._sp is not None:  # parallel.sp_early_exchange: the A/B switch of the overlap
+            self._sp = dataclasses.replace(self._sp, early_exchange=self.cfg.parallel.sp_early_exchange)
         if self.state.is_logging_rank:
             run_dir = Path(self.cfg.train.run_dir)
             dump_config(self.cfg, run_dir / "resolved_config.yaml")
@@ -269,9 +272,9 @@ class Trainer:
         return recording()
 
     def _spike_stats(self, recorder) -> dict:
-        """Mean |spike count| per activation and the fraction that fire, over all ranks."""
-        totals = torch.tensor([recorder.abs_counts, recorder.firing, recorder.elements],
-                              dtype=torch.float64, device=self.state.device)
+        """Mean |spike count| per activation and the fraction that fire, over all ranks (the
+        recorder's sums stay on the device: one read, after the all-reduce)."""
+        totals = recorder.totals(self.state.device)
         dist.all_reduce(totals)
         abs_counts, firing, elements = totals.tolist()
         return {"spike_mean_count": abs_counts / max(elements, 1.0),

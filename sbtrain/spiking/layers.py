@@ -35,20 +35,35 @@ class FiringRecorder:
     """
 
     def __init__(self, by_site: bool = False) -> None:
-        self.abs_counts = 0.0
-        self.firing = 0.0
         self.elements = 0.0
         self.sites: dict | None = {} if by_site else None
         """Site name -> ``sbtrain.spiking.stats.CountHistogram`` (``by_site`` only)."""
         self._stack: list[str] = []
+        self._sums: torch.Tensor | None = None
+        """[sum of |count|, firing elements] in float64 on the counts' device: no host read per
+        neuron call (each one waited for the device); added in call order, as floats were."""
 
     def add(self, counts: torch.Tensor) -> None:
         if self.sites is not None:
             self._add_to_site(counts)
         counts = counts.detach().float()
-        self.abs_counts += float(counts.abs().sum())
-        self.firing += float((counts != 0).sum())
+        sums = torch.stack([counts.abs().sum().double(), (counts != 0).sum().double()])
+        self._sums = sums if self._sums is None else self._sums + sums
         self.elements += counts.numel()
+
+    def totals(self, device: torch.device) -> torch.Tensor:
+        """[sum of |count|, firing elements, elements] as one float64 tensor on ``device``."""
+        sums = self._sums.to(device) if self._sums is not None else torch.zeros(
+            2, dtype=torch.float64, device=device)
+        return torch.cat([sums, sums.new_tensor([self.elements])])
+
+    @property
+    def abs_counts(self) -> float:
+        return 0.0 if self._sums is None else float(self._sums[0])
+
+    @property
+    def firing(self) -> float:
+        return 0.0 if self._sums is None else float(self._sums[1])
 
     def _add_to_site(self, counts: torch.Tensor) -> None:
         site = self._stack[-1] if self._stack else UNATTRIBUTED
