@@ -6,9 +6,11 @@ injected through the tracker's ``_device_module`` seam: a queue that runs behind
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sbtrain.profiler import tracker as tracker_module
 from sbtrain.profiler.tracker import ThroughputTracker
@@ -137,3 +139,34 @@ def test_without_events_the_host_waits_at_each_boundary(device, monkeypatch):
     cpu._read_peak_memory = lambda: None  # noqa: SLF001 - psutil is not what this test is about
     trainer_like_step(cpu, device)
     assert device.created == 0 and device.syncs == 16
+
+
+@pytest.mark.gpu
+def test_cuda_events_time_the_device_with_one_wait_per_step(monkeypatch):
+    """On the GPU: each section's time is its kernel's device time (a spin of known length,
+    launched without waiting), with one torch.cuda.synchronize per step."""
+    def busy():
+        torch.cuda._sleep(50_000_000)  # tens of ms of device time, no host time
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    busy()
+    torch.cuda.synchronize()
+    spin = time.perf_counter() - start
+    waits = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: (waits.append(1), real(*a))[1])
+    tracker = ThroughputTracker(1.0, 0.0, "", 1, "cuda")
+    for _ in range(3):
+        tracker.start_step()
+        with tracker.section("forward_backward"):
+            busy()
+            with tracker.section("grad_reduce", parent="forward_backward"):
+                busy()
+        with tracker.section("optimizer"):
+            busy()
+        stats = tracker.end_step(tokens=10)
+    assert len(waits) == 3
+    for name in ("forward_backward", "grad_reduce", "optimizer"):
+        assert stats.sections_s[name] == pytest.approx(spin, rel=0.2), name
+    assert stats.step_time_s == pytest.approx(3 * spin, rel=0.2)
