@@ -121,6 +121,8 @@ class Trainer:
         if self.cfg.data.document_mask:
             self.eod = document_eod(self.cfg)
         self._sp = sp_context(self.state.groups.pg_collection, self.cfg.parallel.sp_softmax_exchange)
+        if self._sp is not None:  # parallel.sp_early_exchange: the A/B switch of the overlap
+            self._sp = dataclasses.replace(self._sp, early_exchange=self.cfg.parallel.sp_early_exchange)
         if self.state.is_logging_rank:
             run_dir = Path(self.cfg.train.run_dir)
             dump_config(self.cfg, run_dir / "resolved_config.yaml")

@@ -3,11 +3,12 @@
 Each rank of the sequence-parallel group holds one contiguous slice of every sequence (rank
 order = sequence order; slices may differ in length). Per rank:
 
-1. the local recurrence from a zero state (op ``gla``, the fused kernel on GPUs);
-2. the state the slice leaves, ``S_r`` (from zero, over the slice's last document), and the
+1. the state the slice leaves, ``S_r`` (from zero, over the slice's last document), and the
    slice's total decay ``D_r = exp(sum of g)`` (0 when a document starts inside the slice);
-3. one all-gather of ``(S_r, D_r)``: ``[b, Hkv, K, V + 1]`` per rank, independent of the
-   sequence length;
+2. one all-gather of ``(S_r, D_r)``: ``[b, Hkv, K, V + 1]`` per rank, independent of the
+   sequence length, issued at once (``SPContext.early_exchange``; False: it blocks here);
+3. the local recurrence from a zero state (op ``gla``, the fused kernel on GPUs), which
+   needs nothing from the gather and runs while it is in flight;
 4. the state entering rank r, ``E_r = S_{r-1} + D_{r-1} E_{r-1}`` (zero when rank r's first
    token starts a new document; ``D`` is 0 for a slice that starts or contains a document
    start), added to the outputs of rank r's first document as the term
@@ -15,7 +16,9 @@ order = sequence order; slices may differ in length). Per rank:
 
 The backward pass is autograd through the same steps; the gather's backward sums every
 rank's gradient for each rank's ``(S_r, D_r)`` with one all-reduce of the same size, so state
-gradients flow back to the earlier slices. Documents (``documents``, global ids sliced
+gradients flow back to the earlier slices. That all-reduce is issued once step 4's backward
+has produced its gradient and waited for after the local kernel's backward
+(``ops.comm.start_all_gather``). Documents (``documents``, global ids sliced
 like the tokens) restart the state wherever they start, also inside a slice.
 
 An ``initial_state`` I (the sink tokens' state, the same on every rank) starts every row and
@@ -31,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ops.comm import SPContext, all_gather_values, all_gather_with_grad
+from ops.comm import SPContext, all_gather_values, start_all_gather
 from ops.documents import document_ids
 from ops.gla.local import gla_documents
 from ops.gla.reference import initial_state_output
@@ -62,8 +65,7 @@ def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, sp: SPConte
     split over ``sp``; returns this slice's outputs ``[b, s_r, H, V]``. ``initial_state``
     ``[b, Hkv, K, V]``: the state every row and document starts from (None: zero)."""
     batch = q.shape[0]
-    out = gla_documents(q, k, v, g, scale, documents)
-    documents = document_ids(documents)
+    local_documents, documents = documents, document_ids(documents)
     if documents is None:
         first_doc = last_doc = None
         through = torch.ones(batch, device=q.device)
@@ -74,8 +76,6 @@ def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, sp: SPConte
         through = first_doc.amin(1)
     group, rank = sp.group, sp.rank
     continues = _continues(documents, sp, batch, q.device)
-    if initial_state is not None:
-        out = out + initial_state_output(q, g, initial_state, scale, documents).to(out.dtype)
     state, log_total = _slice_state(k, v, g, last_doc, initial_state)
     if initial_state is not None:
         state = state - initial_state.to(state.dtype)
@@ -83,7 +83,13 @@ def sp_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, sp: SPConte
     # (its first token starts a new document, or a document starts inside it)
     decay = log_total.exp() * (through * continues)[:, None, None]
     packed = torch.cat([state, decay[..., None]], dim=-1)
-    gathered = all_gather_with_grad(packed, group)          # [P, b, Hkv, K, V + 1]
+    # the packet needs no local output: gather it while the local kernel runs (and, backward,
+    # reduce its gradient while the kernel's backward runs)
+    exchange = start_all_gather(packed, group, early=sp.early_exchange)
+    out = gla_documents(q, k, v, g, scale, local_documents)
+    if initial_state is not None:
+        out = out + initial_state_output(q, g, initial_state, scale, documents).to(out.dtype)
+    gathered = exchange.wait()                              # [P, b, Hkv, K, V + 1]
     entering = torch.zeros_like(state)
     for j in range(gathered.shape[0]):
         # every slot enters the graph (weight 0 from rank j >= this rank on), so that every

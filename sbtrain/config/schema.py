@@ -219,6 +219,14 @@ class ParallelConfig:
     always gathers (tails). The default stays ``tails`` because the halo has not run on GPUs
     yet (it is tested on CPU/gloo only)."""
 
+    sp_early_exchange: bool = True
+    """Under sp > 1, issue each layer's exchange before the work that does not need it and wait
+    after: the GLA state all-gather during the local GLA kernel, the softmax keys' exchange
+    (tails, halo) during the attention of the slice over its own keys (merged with the received
+    keys' part by log-sum-exp), and the backward all-reduce/send-back during those parts'
+    backward. Same results either way; false blocks at each exchange (the A/B baseline,
+    ``bench/bench_attention.py --sp-blocking``)."""
+
     def __post_init__(self) -> None:
         for name in ("pp", "tp", "ep", "sp"):
             if getattr(self, name) < 1:

@@ -72,3 +72,11 @@ def test_split_without_validation_data_with_eval_on(config_file, split, message)
     with pytest.raises(ConfigError, match=message) as info:
         validate(cfg, 1, str(config_file))
     assert info.value.key == "data.split"
+
+
+def test_sp_early_exchange_is_a_bool(config_file):
+    assert load_config(config_file).parallel.sp_early_exchange is True  # the default
+    assert load_config(config_file, ["parallel.sp_early_exchange=false"]).parallel.sp_early_exchange is False
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, ["parallel.sp_early_exchange=sometimes"])
+    assert info.value.key == "parallel.sp_early_exchange" and str(config_file) in str(info.value)

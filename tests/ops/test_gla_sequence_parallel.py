@@ -1,6 +1,8 @@
 """GLA split over 2 and 4 sequence-parallel ranks (gloo, CPU) equals the one-process op:
 outputs and the gradients of q, k, v and g, with uneven slices, packed documents and an
-initial state that starts every row and document (the sink tokens' state)."""
+initial state that starts every row and document (the sink tokens' state). Every case runs
+both orders (``SPContext.early_exchange``: the state gather in flight during the local kernel,
+or blocking), which also agree with each other to fp64 rounding."""
 
 from __future__ import annotations
 
@@ -63,24 +65,28 @@ def _check(rank: int, world: int, documents: bool, initial: bool) -> None:
     from ops.comm import SPContext
     from ops.gla.sequence_parallel import sp_gla
 
-    q, k, v, g, weight, segments, state = _inputs()
-    state = state if initial else None
-    ref_out, ref_grads = _reference(q, k, v, g, weight, segments, documents, state)
+    q, k, v, g, weight, segments, initial_state = _inputs()
+    initial_state = initial_state if initial else None
+    ref_out, ref_grads = _reference(q, k, v, g, weight, segments, documents, initial_state)
     lo, hi = _bounds(world)[rank:rank + 2]
-    mine = [t[:, lo:hi].clone().requires_grad_() for t in (q, k, v, g)]
-    if initial:
-        state = state.clone().requires_grad_()
     seg = segments[:, lo:hi] if documents else None
-    out = sp_gla(*mine, SCALE, SPContext(dist.group.WORLD), seg, initial_state=state)
-    (out * weight[:, lo:hi]).sum().backward()
-    torch.testing.assert_close(out, ref_out[:, lo:hi], rtol=1e-9, atol=1e-9)
-    for name, leaf, ref in zip("qkvg", mine, ref_grads):
-        torch.testing.assert_close(leaf.grad, ref[:, lo:hi], rtol=1e-9, atol=1e-9,
-                                   msg=lambda m, n=name: f"rank {rank} d{n}: {m}")
-    if initial:
-        # each rank holds its slice's share of the initial state's gradient
-        dist.all_reduce(state.grad)
-        torch.testing.assert_close(state.grad, ref_grads[4], rtol=1e-9, atol=1e-9)
+    results = []
+    for early in (True, False):
+        mine = [t[:, lo:hi].clone().requires_grad_() for t in (q, k, v, g)]
+        state = initial_state.clone().requires_grad_() if initial else None
+        out = sp_gla(*mine, SCALE, SPContext(dist.group.WORLD, early_exchange=early), seg, initial_state=state)
+        (out * weight[:, lo:hi]).sum().backward()
+        torch.testing.assert_close(out, ref_out[:, lo:hi], rtol=1e-9, atol=1e-9)
+        for name, leaf, ref in zip("qkvg", mine, ref_grads):
+            torch.testing.assert_close(leaf.grad, ref[:, lo:hi], rtol=1e-9, atol=1e-9,
+                                       msg=lambda m, n=name, e=early: f"rank {rank} early={e} d{n}: {m}")
+        if initial:
+            # each rank holds its slice's share of the initial state's gradient
+            dist.all_reduce(state.grad)
+            torch.testing.assert_close(state.grad, ref_grads[4], rtol=1e-9, atol=1e-9)
+        results.append([out.detach(), *(t.grad for t in mine), *([state.grad] if initial else [])])
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dg", "dstate"], *results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=lambda m, n=name: f"early vs blocking {n}: {m}")
 
 
 GLA_CASES = [(2, False, False), (4, True, False), (2, True, True), (4, True, True)]
