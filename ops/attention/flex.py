@@ -160,6 +160,23 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, *, window: int | Non
     return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def flex_attention_lse(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
+                       documents: Tensor | None = None, sinks: int = 0, positions: Positions | None = None,
+                       scale: float | None = None, flex_fn: Callable[..., tuple[Tensor, object]] | None = None,
+                       cache: BlockMaskCache | None = None) -> tuple[Tensor, Tensor]:
+    """Op ``attention_lse`` through one flex_attention call: :func:`flex_attention_backend` and
+    flex's own log-sum-exp (natural log, fp32; -inf for a query that sees no key, whose output
+    is 0). Arguments as :func:`flex_attention_backend`."""
+    from torch.nn.attention.flex_attention import AuxRequest  # deferred: flex is imported on the GPU path only
+
+    check_inputs(q, k, v, window, documents, sinks, positions)
+    block_mask = block_mask_of(q, k, window, documents, sinks, positions, cache)
+    flex = compiled_flex_attention() if flex_fn is None else flex_fn
+    out, aux = flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+                    return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
 def flex_available() -> Check:
     """flex_attention exists in this torch and triton is installed (nothing is imported)."""
     if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:

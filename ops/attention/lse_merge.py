@@ -35,11 +35,13 @@ def merge_attention(out1: Tensor, lse1: Tensor, out2: Tensor, lse2: Tensor) -> t
         lse1, lse2: [..., T] natural-log log-sum-exps of the scaled scores behind them.
 
     Returns:
-        ``(out, lse)``: [..., T, D] in ``out1``'s dtype (merged in fp32) and [..., T] fp32.
+        ``(out, lse)``: [..., T, D] in ``out1``'s dtype (merged in fp32; fp64 for fp64) and
+        [..., T] in the merge's dtype.
     """
-    lse1, lse2 = lse1.float(), lse2.float()
+    dtype = torch.float64 if out1.dtype == torch.float64 else torch.float32
+    lse1, lse2 = lse1.to(dtype), lse2.to(dtype)
     weight2 = torch.sigmoid(lse2 - lse1).unsqueeze(-1)
-    a, b = out1.float(), out2.float()
+    a, b = out1.to(dtype), out2.to(dtype)
     out = a - weight2 * (a - b)
     return out.to(out1.dtype), lse1 - F.logsigmoid(lse1 - lse2)
 

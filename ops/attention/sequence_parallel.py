@@ -3,8 +3,9 @@
 Each rank holds one contiguous slice of every sequence (rank order = sequence order; slices
 may differ in length) plus the same sink tokens. A query needs the keys/values of its own
 slice plus, from earlier slices, those its window reaches. An *exchange* brings them:
-a function ``(k, v, documents, window, sp) -> Exchanged`` of this rank's regular keys that
-returns the keys it attends to with their global positions. Two exist:
+a function ``(k, v, documents, window, sp) -> Incoming`` of this rank's regular keys that
+issues the transfer of the earlier slices' keys and returns them in flight with their global
+positions. Two exist:
 
 * ``tails`` (:func:`exchange_tails`): every rank all-gathers the last ``min(w, s_j)``
   keys/values of each slice (a halo): volume ``P * w`` per rank for a window ``w``,
@@ -24,9 +25,16 @@ at SpikingBrain-7B's shape and sp 8, Ulysses moves less below about 44K tokens a
 128K (``sbtrain plan`` prints both; docs/sequence_parallel.md). Another exchange (Ulysses)
 would be one more function in :data:`EXCHANGES`.
 
-The attention itself is one ``local_attention`` call (the registry: flex on GPUs, the explicit
-mask on the CPU) of [sinks; slice] queries over [sinks; exchanged keys] at their positions;
-the sinks (seen by every query, attending to each other only) are the same on every rank.
+The sinks (seen by every query, attending to each other only) are the same on every rank.
+With ``SPContext.early_exchange`` (the default) the attention runs in two parts while the keys
+travel: [sinks; slice] queries over [sinks; own slice] (op ``attention_lse``, no positions:
+the one-process call and its cached block mask) as soon as the exchange is issued, then,
+after the wait, the slice's queries over the received keys only, at their positions; the two
+are merged by their log-sum-exps (``lse_merge.merge_attention``: exact, gradients included,
+up to the rounding of the parts' outputs to the input dtype). Backward, the keys' gradients
+travel back while the own-slice part's backward runs (``ops.comm.InFlight``). Without it, one
+``local_attention`` call over [sinks; received keys; own slice] after the exchange (the
+registry: flex on GPUs, the explicit mask on the CPU).
 """
 
 from __future__ import annotations
@@ -38,26 +46,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ops.attention.local import local_attention
+from ops.attention.local import local_attention, local_attention_lse
+from ops.attention.lse_merge import merge_attention
 from ops.attention.masks import Positions
 from ops.comm import (
+    InFlight,
     SPContext,
     all_gather_values,
-    all_gather_with_grad,
-    from_previous_rank,
     from_previous_rank_values,
+    start_all_gather,
+    start_from_previous_rank,
 )
 from ops.documents import document_ids
 
 
 @dataclass(frozen=True)
-class Exchanged:
-    """What an exchange returns: keys/values ``[b, Hkv, Sk, D]`` this rank's queries attend to
-    (its own slice included) and their positions (``positions.query``: this slice's)."""
+class Incoming:
+    """What an exchange returns: the earlier slices' keys/values, in flight until :meth:`wait`,
+    and where they sit: ``query [s_r]`` this slice's global positions, ``key [Tk]`` the received
+    keys' (``key_valid``: False for padding and slots this rank must not see), ``key_documents
+    [b, Tk]`` their ids (None without documents)."""
 
-    keys: Tensor
-    values: Tensor
-    positions: Positions
+    kv: InFlight  # [b, 2 Hkv, Tk, D], or the tails' slots [P, b, 2 Hkv, width, D] in rank order
+    query: Tensor
+    key: Tensor
+    key_valid: Tensor
+    key_documents: Tensor | None
+
+    def wait(self) -> tuple[Tensor, Tensor]:
+        """The received ``(keys, values)``, ``[b, Hkv, Tk, D]`` each."""
+        kv = self.kv.wait()
+        if kv.dim() == 5:
+            kv = torch.cat(kv.unbind(0), dim=2)
+        heads = kv.shape[1] // 2
+        return kv[:, :heads], kv[:, heads:]
 
 
 def sp_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None, documents: Tensor | None, sinks: int,
@@ -65,16 +87,38 @@ def sp_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None, documen
     """This rank's ``q [b, H, S + s_r, D]``, ``k, v [b, Hkv, S + s_r, D]`` (S sinks, then its
     slice; ``documents [b, s_r]`` global ids sliced like the tokens) -> ``[b, H, S + s_r, D]``.
     ``exchange``: a name in EXCHANGES; None: ``sp.softmax_exchange``."""
-    regular_k, regular_v = k[:, :, sinks:], v[:, :, sinks:]
-    documents = document_ids(documents)
-    got = EXCHANGES[exchange or sp.softmax_exchange](regular_k, regular_v, documents, window, sp)
-    keys = torch.cat([k[:, :, :sinks], got.keys], dim=2)
-    values = torch.cat([v[:, :, :sinks], got.values], dim=2)
+    ids = document_ids(documents)
+    incoming = EXCHANGES[exchange or sp.softmax_exchange](k[:, :, sinks:], v[:, :, sinks:], ids, window, sp)
+    if not sp.early_exchange:
+        return _attend_at_once(q, k, v, incoming, window=window, documents=ids, sinks=sinks, scale=scale)
+    # the own slice (and the sinks) while the keys travel; ``documents`` may be the batch's
+    # Documents, which keeps this call's block mask for the next layers
+    own, own_lse = local_attention_lse(q, k, v, window=window, documents=documents, sinks=sinks, scale=scale)
+    keys, values = incoming.wait()
+    positions = Positions(query=incoming.query, key=incoming.key, key_valid=incoming.key_valid,
+                          key_documents=incoming.key_documents)
+    earlier, earlier_lse = local_attention_lse(q[:, :, sinks:], keys, values, window=window, documents=ids,
+                                               positions=positions, scale=scale)
+    merged, _ = merge_attention(own[:, :, sinks:], own_lse[:, :, sinks:], earlier, earlier_lse)
+    return torch.cat([own[:, :, :sinks], merged], dim=2)
+
+
+def _attend_at_once(q: Tensor, k: Tensor, v: Tensor, incoming: Incoming, *, window: int | None,
+                    documents: Tensor | None, sinks: int, scale: float | None) -> Tensor:
+    """One attention call over [sinks; received keys; own slice] once the keys have arrived."""
+    keys, values = incoming.wait()
+    seq = q.shape[2] - sinks
+    positions = Positions(
+        query=incoming.query, key=torch.cat([incoming.key, incoming.query]),
+        key_valid=torch.cat([incoming.key_valid, torch.ones(seq, dtype=torch.bool, device=q.device)]),
+        key_documents=None if documents is None else torch.cat([incoming.key_documents, documents], dim=1))
+    keys = torch.cat([k[:, :, :sinks], keys, k[:, :, sinks:]], dim=2)
+    values = torch.cat([v[:, :, :sinks], values, v[:, :, sinks:]], dim=2)
     return local_attention(q, keys, values, window=window, documents=documents, sinks=sinks,
-                           positions=got.positions, scale=scale)
+                           positions=positions, scale=scale)
 
 
-def exchange_tails(k: Tensor, v: Tensor, documents: Tensor | None, window: int | None, sp: SPContext) -> Exchanged:
+def exchange_tails(k: Tensor, v: Tensor, documents: Tensor | None, window: int | None, sp: SPContext) -> Incoming:
     """All-gather every rank's last ``min(window, s_j)`` keys/values (all of them without a
     window), left-padded to one width; slot j holds positions ``[end_j - width, end_j)``."""
     rank, seq, device = sp.rank, k.shape[2], k.device
@@ -84,19 +128,14 @@ def exchange_tails(k: Tensor, v: Tensor, documents: Tensor | None, window: int |
     width = max(tails)
     kv_tail = torch.cat([k, v], dim=1)[:, :, seq - tails[rank]:]
     kv_tail = F.pad(kv_tail, (0, 0, width - tails[rank], 0))
-    gathered = all_gather_with_grad(kv_tail, sp.group)          # [P, b, 2 Hkv, width, D]
+    slots = start_all_gather(kv_tail, sp.group, early=sp.early_exchange)  # [P, b, 2 Hkv, width, D]
     tail_pos, tail_valid = _tail_positions(starts, lengths, tails, width, rank, device)
-    own = starts[rank] + torch.arange(seq, device=device)
-    keys = torch.cat([*gathered[:, :, :k.shape[1]].unbind(0), k], dim=2)
-    values = torch.cat([*gathered[:, :, k.shape[1]:].unbind(0), v], dim=2)
     key_documents = None if documents is None else _tail_documents(documents, tails, width, rank, sp)
-    positions = Positions(query=own, key=torch.cat([tail_pos, own]),
-                          key_valid=torch.cat([tail_valid, torch.ones(seq, dtype=torch.bool, device=device)]),
-                          key_documents=key_documents)
-    return Exchanged(keys, values, positions)
+    return Incoming(slots, query=starts[rank] + torch.arange(seq, device=device), key=tail_pos,
+                    key_valid=tail_valid, key_documents=key_documents)
 
 
-def exchange_halo(k: Tensor, v: Tensor, documents: Tensor | None, window: int | None, sp: SPContext) -> Exchanged:
+def exchange_halo(k: Tensor, v: Tensor, documents: Tensor | None, window: int | None, sp: SPContext) -> Incoming:
     """The previous rank's last ``window`` keys/values by send/recv when every slice holds at
     least ``window`` (the window then reaches one slice back); else :func:`exchange_tails`."""
     rank, seq, device = sp.rank, k.shape[2], k.device
@@ -104,17 +143,13 @@ def exchange_halo(k: Tensor, v: Tensor, documents: Tensor | None, window: int | 
     if window is None or min(lengths) < window:
         return exchange_tails(k, v, documents, window, sp)
     start = sum(lengths[:rank])
-    halo = from_previous_rank(torch.cat([k, v], dim=1)[:, :, seq - window:], sp.group)
-    own = start + torch.arange(seq, device=device)
-    key_valid = torch.cat([torch.full((window,), rank > 0, device=device),   # rank 0: no halo
-                           torch.ones(seq, dtype=torch.bool, device=device)])
-    key_documents = None if documents is None else torch.cat(
-        [_previous_documents(documents, window, sp), documents], dim=1)
-    positions = Positions(query=own, key=torch.cat([start - window + torch.arange(window, device=device), own]),
-                          key_valid=key_valid, key_documents=key_documents)
-    heads = k.shape[1]
-    return Exchanged(torch.cat([halo[:, :heads], k], dim=2), torch.cat([halo[:, heads:], v], dim=2),
-                     positions)
+    halo = start_from_previous_rank(torch.cat([k, v], dim=1)[:, :, seq - window:], sp.group,
+                                    early=sp.early_exchange)
+    key_documents = None if documents is None else _previous_documents(documents, window, sp)
+    return Incoming(halo, query=start + torch.arange(seq, device=device),
+                    key=start - window + torch.arange(window, device=device),
+                    key_valid=torch.full((window,), rank > 0, device=device),  # rank 0: no halo
+                    key_documents=key_documents)
 
 
 def _tail_positions(starts, lengths, tails, width, rank, device) -> tuple[Tensor, Tensor]:
@@ -130,8 +165,8 @@ def _tail_positions(starts, lengths, tails, width, rank, device) -> tuple[Tensor
 
 
 def _tail_documents(documents: Tensor, tails, width, rank, sp: SPContext) -> Tensor:
-    """Ids of the gathered tail slots (-1 in padding) followed by this slice's ids: sliced from
-    the micro-batch's ``sp.documents`` when it has them, else all-gathered here."""
+    """Ids of the gathered tail slots (-1 in padding): sliced from the micro-batch's
+    ``sp.documents`` when it has them, else all-gathered here."""
     seq = documents.shape[1]
     if sp.documents is not None:
         gathered = torch.stack([F.pad(ids[:, ids.shape[1] - tail:], (width - tail, 0), value=-1)
@@ -139,7 +174,7 @@ def _tail_documents(documents: Tensor, tails, width, rank, sp: SPContext) -> Ten
     else:
         tail = F.pad(documents[:, seq - tails[rank]:], (width - tails[rank], 0), value=-1)
         gathered = all_gather_values(tail, sp.group)              # [P, b, width]
-    return torch.cat([*gathered.unbind(0), documents], dim=1)
+    return torch.cat(gathered.unbind(0), dim=1)
 
 
 def _previous_documents(documents: Tensor, window: int, sp: SPContext) -> Tensor:
@@ -153,4 +188,4 @@ def _previous_documents(documents: Tensor, window: int, sp: SPContext) -> Tensor
     return previous[:, previous.shape[1] - window:]
 
 
-EXCHANGES: dict[str, Callable[..., Exchanged]] = {"tails": exchange_tails, "halo": exchange_halo}
+EXCHANGES: dict[str, Callable[..., Incoming]] = {"tails": exchange_tails, "halo": exchange_halo}

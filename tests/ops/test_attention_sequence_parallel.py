@@ -1,7 +1,9 @@
 """``ops.attention.attention(..., sp=ctx)``: softmax attention split over 2 and 4 sequence-parallel
 ranks (gloo, CPU) equals the one-process reference: outputs and q/k/v gradients, full and
 sliding-window (halo longer and shorter than a slice), uneven slices, with and without packed
-documents, with sink tokens."""
+documents, with sink tokens, GQA. Every case runs both orders (``SPContext.early_exchange``):
+the own slice while the keys travel, merged by lse, and the blocking single call; the two
+also agree with each other to fp64 rounding."""
 
 from __future__ import annotations
 
@@ -39,10 +41,10 @@ def _reference(q, k, v, weight, window, segments):
     return out.detach(), [t.grad for t in leaves]
 
 
-def _sp(exchange: str = "tails"):
+def _sp(exchange: str = "tails", early: bool = True):
     from ops.comm import SPContext
 
-    return SPContext(dist.group.WORLD, softmax_exchange=exchange)
+    return SPContext(dist.group.WORLD, softmax_exchange=exchange, early_exchange=early)
 
 
 def _check(rank, world, window, documents, exchange="tails"):
@@ -52,18 +54,28 @@ def _check(rank, world, window, documents, exchange="tails"):
     segments = segments if documents else None
     ref_out, ref_grads = _reference(q, k, v, weight, window, segments)
     lo, hi = _bounds(world)[rank:rank + 2]
-    mine = [t[:, :, lo:hi].clone().requires_grad_() for t in (q, k, v)]
     seg = None if segments is None else segments[:, lo:hi]
-    with _counting_all_gathers() as gathers:
-        out = attention(*mine, window=window, documents=seg, sp=_sp(exchange), scale=SCALE)
-        (out * weight[:, :, lo:hi]).sum().backward()
-    if exchange == "halo":  # send/recv only when every slice holds a window; else the tails
-        slices = [b - a for a, b in zip(_bounds(world), _bounds(world)[1:])]
-        assert (gathers["keys"] == 0) == (window is not None and min(slices) >= window), gathers
-    torch.testing.assert_close(out, ref_out[:, :, lo:hi], rtol=1e-6, atol=1e-6)
-    for name, leaf, ref in zip("qkv", mine, ref_grads):
-        torch.testing.assert_close(leaf.grad, ref[:, :, lo:hi], rtol=1e-6, atol=1e-6,
-                                   msg=lambda m, n=name: f"rank {rank} d{n}: {m}")
+    results = []
+    for early in (True, False):
+        mine = [t[:, :, lo:hi].clone().requires_grad_() for t in (q, k, v)]
+        with _counting_all_gathers() as gathers:
+            out = attention(*mine, window=window, documents=seg, sp=_sp(exchange, early), scale=SCALE)
+            (out * weight[:, :, lo:hi]).sum().backward()
+        if exchange == "halo":  # send/recv only when every slice holds a window; else the tails
+            slices = [b - a for a, b in zip(_bounds(world), _bounds(world)[1:])]
+            assert (gathers["keys"] == 0) == (window is not None and min(slices) >= window), gathers
+        torch.testing.assert_close(out, ref_out[:, :, lo:hi], rtol=1e-6, atol=1e-6)
+        for name, leaf, ref in zip("qkv", mine, ref_grads):
+            torch.testing.assert_close(leaf.grad, ref[:, :, lo:hi], rtol=1e-6, atol=1e-6,
+                                       msg=lambda m, n=name, e=early: f"rank {rank} early={e} d{n}: {m}")
+        results.append([out.detach(), *(t.grad for t in mine)])
+    _assert_orders_agree(*results)
+
+
+def _assert_orders_agree(early: list, blocking: list) -> None:
+    """The lse-merged early path equals the blocking single call to fp64 rounding."""
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dk_sink", "dv_sink"], early, blocking):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"early vs blocking {n}: {m}")
 
 
 # window 3 < every slice; window 8 > the 4-way slices (5-6 tokens): the halo spans 2 ranks.
@@ -87,18 +99,18 @@ class _counting_all_gathers:
     def __enter__(self):
         from ops.attention import sequence_parallel
 
-        self.module, self.original = sequence_parallel, sequence_parallel.all_gather_with_grad
+        self.module, self.original = sequence_parallel, sequence_parallel.start_all_gather
         counts = self.counts = {"keys": 0}
 
         def counted(*args, **kwargs):
             counts["keys"] += 1
             return self.original(*args, **kwargs)
 
-        sequence_parallel.all_gather_with_grad = counted
+        sequence_parallel.start_all_gather = counted
         return counts
 
     def __exit__(self, *exc):
-        self.module.all_gather_with_grad = self.original
+        self.module.start_all_gather = self.original
 
 
 SINK_CASES = [(None, 2), (3, 4), (3, 4, "halo")]
@@ -153,22 +165,26 @@ def _sink_check(rank, world, window, exchange="tails"):
     ref_sinks, ref_out = ref_all[:, :, :S], ref_all[:, :, S:]
     (ref_out * weight).sum().backward()
     lo, hi = _bounds(world)[rank:rank + 2]
-    mine = [t[:, :, lo:hi].clone().requires_grad_() for t in (q, k, v)]
-    sinks = [t.clone().requires_grad_() for t in (k_sink, v_sink)]
-    got = attention(*(torch.cat([s, t], dim=2) for s, t in zip((q_sink, *sinks), mine)), window=window,
-                    documents=segments[:, lo:hi], sinks=S, sp=_sp(exchange), scale=SCALE)
-    out = got[:, :, S:]
-    (out * weight[:, :, lo:hi]).sum().backward()
-    # the sink rows (sinks see each other only) are the same on every rank
-    torch.testing.assert_close(got[:, :, :S], ref_sinks.detach(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(out, ref_out[:, :, lo:hi].detach(), rtol=1e-6, atol=1e-6)
-    for name, leaf, ref in zip("qkv", mine, leaves):
-        torch.testing.assert_close(leaf.grad, ref.grad[:, :, lo:hi], rtol=1e-6, atol=1e-6,
-                                   msg=lambda m, n=name: f"rank {rank} d{n}: {m}")
-    for name, sink, ref in zip(("k_sink", "v_sink"), sinks, leaves[3:]):
-        dist.all_reduce(sink.grad)  # each rank holds its queries' share
-        torch.testing.assert_close(sink.grad, ref.grad, rtol=1e-6, atol=1e-6,
-                                   msg=lambda m, n=name: f"rank {rank} d{n}: {m}")
+    results = []
+    for early in (True, False):
+        mine = [t[:, :, lo:hi].clone().requires_grad_() for t in (q, k, v)]
+        sinks = [t.clone().requires_grad_() for t in (k_sink, v_sink)]
+        got = attention(*(torch.cat([s, t], dim=2) for s, t in zip((q_sink, *sinks), mine)), window=window,
+                        documents=segments[:, lo:hi], sinks=S, sp=_sp(exchange, early), scale=SCALE)
+        out = got[:, :, S:]
+        (out * weight[:, :, lo:hi]).sum().backward()
+        # the sink rows (sinks see each other only) are the same on every rank
+        torch.testing.assert_close(got[:, :, :S], ref_sinks.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out, ref_out[:, :, lo:hi].detach(), rtol=1e-6, atol=1e-6)
+        for name, leaf, ref in zip("qkv", mine, leaves):
+            torch.testing.assert_close(leaf.grad, ref.grad[:, :, lo:hi], rtol=1e-6, atol=1e-6,
+                                       msg=lambda m, n=name, e=early: f"rank {rank} early={e} d{n}: {m}")
+        for name, sink, ref in zip(("k_sink", "v_sink"), sinks, leaves[3:]):
+            dist.all_reduce(sink.grad)  # each rank holds its queries' share
+            torch.testing.assert_close(sink.grad, ref.grad, rtol=1e-6, atol=1e-6,
+                                       msg=lambda m, n=name, e=early: f"rank {rank} early={e} d{n}: {m}")
+        results.append([got.detach(), *(t.grad for t in mine), *(t.grad for t in sinks)])
+    _assert_orders_agree(*results)
 
 
 @pytest.mark.parametrize("case", [_sink_case_id(*c) for c in SINK_CASES])
