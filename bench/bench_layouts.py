@@ -1,8 +1,8 @@
 """Parallel layouts against one device: same loss curve, tokens/s per device, scaling efficiency.
 
     python3 bench/bench_layouts.py [CONFIG] [--layouts NAME ...] [--steps 20] [--tol 0.05]
-                                   [--overlap auto|off|both] [--set section.key=value ...]
-                                   [--out DIR]
+                                   [--overlap auto|off|both] [--sp-blocking-too]
+                                   [--set section.key=value ...] [--out DIR]
 
 Each layout is one ``torchrun --standalone -m sbtrain.train CONFIG`` launch on this host with
 its parallel sizes set by ``--set``; ``one`` (every size 1, a single device) is always run
@@ -17,6 +17,10 @@ and backward and shows only as lost scaling efficiency.
 ``--overlap``: ``auto`` (the config's parallel.overlap_*: on GPUs on), ``off`` (both off), or
 ``both``: every layout twice, ``NAME`` (auto) and ``NAME+no_overlap``, to measure what Megatron's
 bucketed overlap of the DP reduce-scatter / parameter all-gather saves.
+
+``--sp-blocking-too``: every sp layout (and variant) also runs as ``NAME+sp_blocking`` with
+``parallel.sp_early_exchange=false``, the A/B of issuing the sequence-parallel exchanges
+before the local kernels (docs/sequence_parallel.md, "Overlap"); same losses expected.
 
 Tolerance: on GPUs in bf16 the layouts reduce in different orders (gradient all-reduce,
 expert all-to-all, sequence-parallel state exchange), so the curves agree to bf16 rounding
@@ -57,6 +61,7 @@ LAYOUTS: dict[str, tuple[int, dict]] = {
 }
 TWO_DEVICES = ["dp2", "dp2_ep2", "pp2", "sp2", "sp2_ep2"]
 NO_OVERLAP = {"parallel.overlap_grad_reduce": "false", "parallel.overlap_param_gather": "false"}
+SP_BLOCKING = {"parallel.sp_early_exchange": "false"}
 
 
 def launch(config: str, name: str, nproc: int, sets: dict, out: Path, env: dict) -> dict:
@@ -108,6 +113,15 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def variants(name: str, overlap: str, sp_blocking_too: bool) -> list[tuple[str, dict]]:
+    """The (label, extra overrides) runs of one layout under ``--overlap`` and ``--sp-blocking-too``."""
+    runs = {"auto": [(name, {})], "off": [(name, NO_OVERLAP)],
+            "both": [(name, {}), (f"{name}+no_overlap", NO_OVERLAP)]}[overlap]
+    if sp_blocking_too and "sp" in name:
+        runs += [(f"{label}+sp_blocking", {**extra, **SP_BLOCKING}) for label, extra in runs]
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=TWO_DEVICES)
     parser.add_argument("--overlap", choices=["auto", "off", "both"], default="auto",
                         help="DP communication overlap of the multi-device runs (see above)")
+    parser.add_argument("--sp-blocking-too", action="store_true",
+                        help="sp layouts also with parallel.sp_early_exchange=false (see above)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--tol", type=float, default=0.05)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -136,11 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         if "ep" in name and not has_moe:
             print(f"== {name}: skipped, the model has no MoE layers", flush=True)
             continue
-        variants = {"auto": [(name, {})], "off": [(name, NO_OVERLAP)],
-                    "both": [(name, {}), (f"{name}+no_overlap", NO_OVERLAP)]}[args.overlap]
-        for label, overlap in variants:
+        for label, extra in variants(name, args.overlap, args.sp_blocking_too):
             results.append(compare(reference, launch(
-                args.config, label, nproc, {**common, **SINGLE, **sets, **overlap}, out, env)))
+                args.config, label, nproc, {**common, **SINGLE, **sets, **extra}, out, env)))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\n{args.config}, {args.steps} steps\n\n{table(results)}\n{json.dumps(results)}")
     failed = [r for r in results if "error" in r or r.get("max_loss_diff", 0.0) > args.tol]

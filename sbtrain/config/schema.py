@@ -225,7 +225,7 @@ class ParallelConfig:
     (tails, halo) during the attention of the slice over its own keys (merged with the received
     keys' part by log-sum-exp), and the backward all-reduce/send-back during those parts'
     backward. Same results either way; false blocks at each exchange (the A/B baseline,
-    ``bench/bench_attention.py --sp-blocking``)."""
+    ``bench/bench_layouts.py --sp-blocking-too``)."""
 
     def __post_init__(self) -> None:
         for name in ("pp", "tp", "ep", "sp"):

@@ -37,3 +37,12 @@ def test_bench_layouts_compares_layouts_with_one_device(tmp_path, monkeypatch):
         expected = r["tokens_per_s"] / (2 * one["tokens_per_s"])
         assert abs(r["scaling_efficiency"] - expected) < 1e-12 and expected > 0
         assert 0 < r["grad_reduce_share"] < 1  # the DP reduction's share of the step
+
+
+def test_sp_blocking_too_adds_a_blocking_run_of_every_sp_variant():
+    bench = _bench()
+    assert bench.variants("dp2", "both", True) == bench.variants("dp2", "both", False)
+    runs = dict(bench.variants("sp2", "both", True))
+    assert list(runs) == ["sp2", "sp2+no_overlap", "sp2+sp_blocking", "sp2+no_overlap+sp_blocking"]
+    assert runs["sp2+no_overlap+sp_blocking"] == {**bench.NO_OVERLAP, "parallel.sp_early_exchange": "false"}
+    assert runs["sp2+sp_blocking"] == {"parallel.sp_early_exchange": "false"}
