@@ -24,6 +24,7 @@ from maca_compat.cpu_shims import (
     cpu_tensor_cuda_is_identity,
     cpu_tensors_report_cuda_types,
 )
+from maca_compat.distopt_fixes import empty_shard_step
 from maca_compat.fused_optim import WGRAD_ACCUM, foreach_l2_norm, foreach_scale, pinned_adam
 
 logger = logging.getLogger("sbtrain.maca_compat")
@@ -407,6 +408,17 @@ PATCHES: tuple[Patch, ...] = (
                        "DistributedOptimizer.sharded_param_state_fully_reshardable",
                        _buffer_layout_world_state),
         test="test_distopt_bucketed_state_save",
+    ),
+    Patch(
+        name="distopt_empty_shard_step",
+        reason="Upstream bug (no Apex/TE): a rank whose expert optimizer holds no parameters "
+        "(a pipeline stage without MoE layers: megatron aligns param groups across ranks) "
+        "fails every save and load (DistributedOptimizer.state_dict: assert len(steps) == 1); "
+        "its common state, kept from rank 0, must carry the run's step (distopt_fixes.py).",
+        platforms=ALL,
+        apply=_replace(_MC + "optimizer.optimizer", "ChainedOptimizer.sharded_state_dict",
+                       empty_shard_step),
+        test="test_distopt_empty_shard_step",
     ),
     Patch(
         name="platform_adam",

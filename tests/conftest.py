@@ -42,13 +42,16 @@ def planned(tmp_path_factory):
 
     groups = plan()
     cache: dict[int, dict[str, list[dict]]] = {}
+    directories: dict[int, object] = {}
 
     def curves(nproc: int) -> dict[str, list[dict]]:
         if nproc not in cache:
-            cache[nproc] = run_many(tmp_path_factory.mktemp(f"planned{nproc}"), nproc,
-                                    groups[nproc])
+            directories[nproc] = tmp_path_factory.mktemp(f"planned{nproc}")
+            cache[nproc] = run_many(directories[nproc], nproc, groups[nproc])
         return cache[nproc]
 
+    # the launch's ``{tmp}``, e.g. for a launch of another size that resumes its checkpoints
+    curves.directory = directories
     return curves
 
 

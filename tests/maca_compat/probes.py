@@ -640,6 +640,17 @@ def _in_optim_probes(name: str):
     return run
 
 
+def _in_checkpoint_probes(name: str):
+    """A probe defined in checkpoint_probes.py (kept apart for file size); it gets this module."""
+
+    def run(args) -> dict:
+        from tests.maca_compat import checkpoint_probes
+
+        return getattr(checkpoint_probes, name)(args, sys.modules[__name__])
+
+    return run
+
+
 def probe_moe_ep1_host_reads(args) -> dict:
     """EP1 MoE forward + backward (alltoall dispatcher): the host reads of counts / split sizes
     the dispatcher makes (copies handed to maybe_move_tensor_to_cpu, ``tolist()`` calls in
@@ -689,6 +700,7 @@ PROBES = {
     "fused_optim": _in_optim_probes("probe_fused_optim"),
     "wgrad_fusion": _in_optim_probes("probe_wgrad_fusion"),
     "moe_ep1": probe_moe_ep1_host_reads,
+    "empty_shard_step": _in_checkpoint_probes("probe_empty_shard_step"),
 }
 
 

@@ -53,6 +53,7 @@ PROBE_NPROC = {
     "fused_optim": 1,
     "wgrad_fusion": 1,
     "moe_ep1": 1,
+    "empty_shard_step": 2,
 }
 
 # test function -> the probe it runs
@@ -69,6 +70,7 @@ TEST_PROBE = {
     "test_foreach_grad_norm_and_scale": "fused_optim",
     "test_grad_accum_fusion": "wgrad_fusion",
     "test_moe_ep1_counts_on_device": "moe_ep1",
+    "test_distopt_empty_shard_step": "empty_shard_step",
 }
 
 # entry -> (the stock error, (file under megatron/core, function) of the frame that raises it)
@@ -96,6 +98,8 @@ STOCK_FAILURES = {
     "grad_accum_fusion": (
         "RuntimeError: ColumnParallelLinear was called with gradient_accumulation_fusion set",
         ("tensor_parallel/layers.py", "__init__")),
+    "distopt_empty_shard_step": (
+        "AssertionError", ("optimizer/distrib_optimizer.py", "state_dict")),
 }
 # Entries for speed, or against silently wrong numbers: stock code runs without them. Their
 # tests show the stock behaviour the entry replaces (with the entry reverted) and the right
@@ -536,6 +540,21 @@ def test_distopt_bucketed_state_save(probes: ProbeRunner, entry: str):
     assert stock["loss_resumed"] != stock["loss_continued"], stock
     assert r["adam_state_equal"] and r["params_equal_after_step"], r
     assert r["loss_resumed"] == r["loss_continued"] and math.isfinite(r["loss_resumed"])
+
+
+@pytest.mark.parametrize("entry", entries_for("test_distopt_empty_shard_step"))
+def test_distopt_empty_shard_step(probes: ProbeRunner, entry: str):
+    """PP2, experts on stage 1 only: stock cannot save (stage 0's empty expert optimizer has
+    no step); with the entry both stages save and load, every Adam state at the saved step
+    (the expert optimizer's step comes from rank 0's empty one: 0 there would show here)."""
+    assert_needed(probes, "empty_shard_step", entry)
+    outcome = probes.get("empty_shard_step")
+    outcome.result  # exit status 0 and one result per rank
+    by_rank = outcome.results
+    assert by_rank[0]["member_params"][1] == 0 < by_rank[1]["member_params"][1], by_rank
+    for r in by_rank.values():
+        assert r["stepped"] and r["loaded_step"] == 1 and r["params_equal"], r
+        assert r["steps_before"] == r["steps_after_load"] == [1.0], r
 
 
 @pytest.mark.parametrize("entry", entries_for("test_platform_adam"))

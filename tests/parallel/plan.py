@@ -101,6 +101,10 @@ RESUMES = {
     **_resume("resume_76b_sp2", 2, {**SHAPE_76B, "parallel.sp": 2}, {}, {}),
     **{k: v for k, v in _resume("reshard_dp2_pp2", 2, {}, {}, {"parallel.pp": 2}).items()
        if not k.endswith(".full")},
+    # saved under PP2xEP2 on 4 ranks: tests/parallel/test_76b_layouts.py resumes it on 2 ranks
+    "reshard_76b_4to2.a": (4, {**STEPS, **SHAPE_76B, "parallel.pp": 2, "parallel.ep": 2,
+                               "checkpoint.save_dir": "{tmp}/reshard_76b_4to2_ckpt",
+                               "train.exit_at_step": 2}),
     # overlapped, stopped and resumed == resume_76b_ep2.full (not overlapped, uninterrupted)
     **{k: v for k, v in _resume("resume_76b_ep2_overlap", 2,
                                 {**SHAPE_76B, **OVERLAP, "parallel.ep": 2}, {}, {}).items()
