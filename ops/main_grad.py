@@ -80,6 +80,13 @@ class StridedRegion:
         view = torch.as_strided(self.first, (self.experts, n, k), (abs(self.step), k, 1), start)
         return view, self.step < 0
 
+    def add_(self, stacked: Tensor) -> None:
+        """``main_grad[e] += stacked[e]`` in torch: one elementwise kernel over the region's view,
+        after a flipped copy of ``stacked`` when the region runs backwards (GPU backends use
+        ``ops.grouped_mlp.triton_kernels.add_into_region`` instead: one kernel, no copy)."""
+        view, reversed_ = self.view()
+        view.add_(stacked.flip(0) if reversed_ else stacked)
+
 
 class ExpertMainGrads:
     """The ``main_grad`` of each local expert's weight, for a grouped weight-gradient GEMM.
@@ -103,12 +110,10 @@ class ExpertMainGrads:
         return cls(weights, main_grads)
 
     def add_(self, stacked: Tensor) -> None:
-        """``main_grad[e] += stacked[e]`` for ``stacked`` ``[E, N, K]`` (any float dtype): one
-        elementwise kernel over the strided region (a flipped copy of ``stacked`` first when
-        the region runs backwards), else one foreach add over the ``E`` tensors."""
+        """``main_grad[e] += stacked[e]`` for ``stacked`` ``[E, N, K]`` (any float dtype): over the
+        strided region (:meth:`StridedRegion.add_`), else one foreach add over the ``E`` tensors."""
         if self.region is not None:
-            view, reversed_ = self.region.view()
-            view.add_(stacked.flip(0) if reversed_ else stacked)
+            self.region.add_(stacked)
             return
         dtype = self.experts[0].dtype
         # one dtype across both lists: torch's foreach fast path (one launch per few tensors)

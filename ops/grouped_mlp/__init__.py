@@ -24,9 +24,9 @@ has ``main_grad`` (Megatron DDP), the fast backends write ``dW`` into the main g
 returning ``E`` weight gradients that DDP's hook adds one kernel each. DDP's buffer usually holds
 the experts' main grads at one constant distance (``ops.main_grad.StridedRegion``): Triton's
 ``dW`` kernel then accumulates into them in place (fp32, beta = 1: no extra kernel, no bf16
-rounding), ``grouped_mm`` adds its ``[E, N, K]`` result with one elementwise kernel (plus a flip
-when the region runs backwards, as in Megatron's reversed layout); any other layout takes one
-foreach add. The reference backend ignores the flag: its gradients go through autograd and DDP.
+rounding), ``grouped_mm`` adds its bf16 ``[E, N, K]`` result with one elementwise Triton launch
+(the same sums as DDP's adds; negative steps, as in Megatron's reversed layout, included); any
+other layout takes one foreach add. The reference backend ignores the flag: its gradients go through autograd and DDP.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from torch import Tensor
 from ops.backends import Backend, Check, dispatch, get_registry, triton_available
 from ops.grouped_mlp import torch_backend
 from ops.grouped_mlp.reference import loop_grouped_linear
-from ops.main_grad import ExpertMainGrads
+from ops.main_grad import ExpertMainGrads, StridedRegion
 from ops.swiglu import swiglu
 
 __all__ = ["grouped_linear", "grouped_swiglu_mlp", "swiglu"]
@@ -198,8 +198,20 @@ def _grouped_mm_k(p: Tensor, offsets: Tensor, q: Tensor, _num_experts: int) -> T
     return torch_backend.k_grouped_mm(p, offsets, q)
 
 
-GROUPED_MM_GEMMS = GroupedGemms(torch_backend.rows_grouped_mm, _grouped_mm_k)
-"""torch's grouped matmul has no accumulating form: fused ``dW`` is its bf16 result added at once."""
+def _grouped_mm_k_accum(p: Tensor, offsets: Tensor, q: Tensor, region: StridedRegion) -> None:
+    """torch's grouped matmul has no accumulating form: its bf16 ``dW`` is added into the region
+    in one Triton launch (on the CUDA GPUs this backend runs on), else by torch."""
+    stacked = torch_backend.k_grouped_mm(p, offsets, q)
+    if triton_available(p)[0]:
+        # deferred: Triton loads only when a GPU backend runs
+        from ops.grouped_mlp import triton_kernels
+
+        triton_kernels.add_into_region(region, stacked)
+    else:
+        region.add_(stacked)
+
+
+GROUPED_MM_GEMMS = GroupedGemms(torch_backend.rows_grouped_mm, _grouped_mm_k, _grouped_mm_k_accum)
 
 
 def _triton_linear(x: Tensor, tokens_per_expert: Tensor, weight: Weights, *,

@@ -11,6 +11,8 @@ Two kernels cover the forward and both gradients of ``y = x @ w[e].T`` per exper
   zeros. ``k_grouped_mm_accum`` is the same kernel adding into existing (fp32) outputs at a
   constant, possibly negative, distance per expert: the experts' ``main_grad`` in Megatron
   DDP's buffer (gradient-accumulation fusion, ``ops.main_grad.StridedRegion``).
+* ``add_into_region``: ``main_grad[e] += dw[e]`` over such a region in one elementwise launch
+  (the ``grouped_mm`` backend's fused dW: its GEMM has no accumulating form).
 
 Both accumulate in fp32 and store in the output's dtype (the inputs', or fp32 main grads). fp32 inputs use IEEE dots (no
 TF32), so the fp32 tests compare against the reference tightly.
@@ -28,6 +30,7 @@ from ops.main_grad import StridedRegion
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 64
 NUM_WARPS, NUM_STAGES = 4, 3
+ADD_BLOCK, ADD_WARPS = 4096, 8
 
 
 @triton.jit
@@ -106,6 +109,17 @@ def _k_grouped_kernel(p_ptr, q_ptr, c_ptr, counts_ptr, N, K,
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=in_tile)
 
 
+@triton.jit
+def _add_into_region_kernel(src_ptr, dst_ptr, numel, dst_step, BLOCK: tl.constexpr):
+    expert = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < numel
+    src = tl.load(src_ptr + expert * numel + offs, mask=in_range, other=0.0).to(tl.float32)
+    dst = dst_ptr + expert * dst_step + offs   # dst_step may be negative (DDP's reversed layout)
+    total = tl.load(dst, mask=in_range, other=0.0).to(tl.float32) + src
+    tl.store(dst, total.to(dst_ptr.dtype.element_ty), mask=in_range)
+
+
 def _precision(t: Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
@@ -137,6 +151,18 @@ def k_grouped_mm_accum(p: Tensor, counts: Tensor, q: Tensor, region: StridedRegi
     if region.first.shape != (p.shape[1], q.shape[1]):
         raise ValueError(f"main grads {tuple(region.first.shape)} != dW [{p.shape[1]}, {q.shape[1]}]")
     _launch_k_grouped(p, counts, q, region.first, region.step, region.experts, accumulate=True)
+
+
+def add_into_region(region: StridedRegion, stacked: Tensor) -> None:
+    """``main_grad[e] += stacked[e]`` for ``stacked`` ``[E, N, K]`` and the experts' main grads of
+    ``region``: the sum torch's ``add_`` gives, in one launch whatever the sign of the step."""
+    if stacked.shape != (region.experts, *region.first.shape):
+        raise ValueError(f"stacked {tuple(stacked.shape)} != {region.experts} x {tuple(region.first.shape)}")
+    stacked = stacked.contiguous()
+    numel = region.first.numel()
+    grid = (triton.cdiv(numel, ADD_BLOCK), region.experts)
+    _add_into_region_kernel[grid](stacked, region.first, numel, region.step, BLOCK=ADD_BLOCK,
+                                  num_warps=ADD_WARPS)
 
 
 def _launch_k_grouped(p: Tensor, counts: Tensor, q: Tensor, out: Tensor, expert_stride: int,

@@ -237,12 +237,18 @@ def test_stacked_expert_weight_and_reference_backend():
 
 INTERPRETER_SCRIPT = r"""
 import json
+import torch
+import ops.grouped_mlp as grouped_mlp
 import ops.loss.kernels as kernels
-from ops.grouped_mlp import triton_kernels
+from ops.grouped_mlp import GROUPED_MM_GEMMS, _device_offsets, triton_kernels
+from ops.main_grad import ExpertMainGrads
+from tests.ops.ddp_hooks import DDPGrads
+from tests.ops.test_grouped_mlp import _grouped_mm_runs_on_cpu
 from ops.loss import _run
 from ops.loss.fused import FusedLinearCrossEntropy
-from tests.ops.test_grad_accum_fusion import (LOOP_GEMMS, _fn_linear, assert_experts_fusion_matches,
-                                              assert_loss_fusion_matches, torch_loss)
+from tests.ops.test_grad_accum_fusion import (LAYOUTS, LOOP_GEMMS, _experts, _fn_linear,
+                                              assert_experts_fusion_matches, assert_loss_fusion_matches,
+                                              torch_loss)
 
 # the interpreter is slow: only the fused runs use the kernels, the unfused ones the torch paths
 kernels.BLOCK_V = 64   # several vocabulary blocks at V = 301
@@ -255,6 +261,24 @@ assert_loss_fusion_matches(triton_loss, plain_fn=torch_loss, chunk_tokens=1000, 
 # route (uneven layout) is the same for every backend and runs in the CPU tests
 assert_experts_fusion_matches(_fn_linear(triton_kernels.GEMMS, lambda c: c.to("cpu").int()),
                               plain_linear=_fn_linear(LOOP_GEMMS, lambda c: c), layouts=("megatron", "forward"))
+# grouped_mm's route on GPUs: its dW added into DDP's region by the Triton add kernel
+# (torch's grouped matmul runs on this CPU; the backend checks Triton for the tensors' device)
+if _grouped_mm_runs_on_cpu():
+    grouped_mlp.triton_available = lambda device: (True, "interpreter")
+    assert_experts_fusion_matches(_fn_linear(GROUPED_MM_GEMMS, lambda c: _device_offsets(c, torch.device("cpu"))),
+                                  plain_linear=_fn_linear(LOOP_GEMMS, lambda c: c), layouts=("megatron",))
+# the add kernel alone: bf16 into fp32, both step signs, equal to torch's adds bit for bit
+for layout in ("megatron", "forward"):
+    w1, w2 = _experts(torch.float32, "cpu")
+    DDPGrads([*w1, *w2], *LAYOUTS[layout])
+    main_grads = ExpertMainGrads.of(w1, True)
+    for g in main_grads.experts:
+        g.copy_(torch.randn(g.shape))
+    want = [g.clone() for g in main_grads.experts]
+    stacked = torch.randn(len(w1), *w1[0].shape).bfloat16()
+    triton_kernels.add_into_region(main_grads.region, stacked)
+    for e, (got, before) in enumerate(zip(main_grads.experts, want)):
+        assert torch.equal(got, before + stacked[e]), (layout, e)
 print(json.dumps("ok"))
 """
 
