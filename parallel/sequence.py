@@ -6,7 +6,8 @@ micro-batch its data-parallel rank reads: rank r keeps tokens ``[r T/P, (r + 1) 
 Contiguous slices (not Megatron's load-balanced two-chunk split) are what the linear
 attention's state passing needs: a slice's incoming state is the state after the slice
 before it. The mixers pass an ``ops.comm.SPContext`` to the ops (``sp=``), which exchange
-what crosses slices (``ops.gla.sequence_parallel``, ``ops.attention.sequence_parallel``);
+what crosses slices (``ops.gla.sequence_parallel``, ``ops.attention.sequence_parallel``;
+each softmax layer with the exchange of its kind, :func:`with_exchange`);
 everything else in a layer is per token.
 
 What stays right under the split:
@@ -24,6 +25,8 @@ What stays right under the split:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ops.comm import SPContext
@@ -32,27 +35,37 @@ from ops.comm import SPContext
 SLICED_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
 
 
-def resolved_softmax_exchange(setting: str) -> str:
-    """The exchange the ops run (a name in ``ops.attention.sequence_parallel.EXCHANGES``) for
-    ``parallel.sp_softmax_exchange``. ``auto`` is ``halo``: it moves fewer bytes wherever it
-    can run and falls back to ``tails`` per layer where it cannot (slices shorter than the
-    window, full attention), the per-layer choice ``sbtrain plan`` counts
-    (``sbtrain.profiler.comm.window_exchange``)."""
-    if setting not in ("tails", "halo", "auto"):
-        raise ValueError(f"unknown softmax exchange {setting!r}; known: tails, halo, auto")
-    return "halo" if setting == "auto" else setting
+SOFTMAX_EXCHANGES = ("tails", "halo", "ulysses")
+"""What a softmax layer under SP can run (``ops.attention.sequence_parallel``): two exchanges
+of keys and Ulysses' all-to-all over heads. ``parallel.sp_softmax_exchange: auto`` is resolved
+per layer kind before the model is built (``sbtrain.profiler.comm.softmax_exchanges``)."""
 
 
 def sp_context(pg_collection, softmax_exchange: str = "tails") -> SPContext | None:
     """The SP context of the group sequences are split over (``parallel.sp``; Megatron's
     context-parallel group ``pg_collection.cp``), or None when sequences are whole (sp 1):
-    what the mixers pass to the ops as ``sp=``. ``softmax_exchange``:
-    ``parallel.sp_softmax_exchange``, ``auto`` resolved here (:func:`resolved_softmax_exchange`)."""
-    exchange = resolved_softmax_exchange(softmax_exchange)
+    what the mixers pass to the ops as ``sp=``. ``softmax_exchange``: one of
+    :data:`SOFTMAX_EXCHANGES` (a softmax mixer's, chosen for its layer kind)."""
+    _check_exchange(softmax_exchange)
     sp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
     if sp_group is None or sp_group.size() == 1:
         return None
-    return SPContext(sp_group, softmax_exchange=exchange)
+    return SPContext(sp_group, softmax_exchange=softmax_exchange)
+
+
+def with_exchange(sp: SPContext | None, softmax_exchange: str) -> SPContext | None:
+    """``sp`` (the micro-batch's context, shared by every layer) with one softmax layer's
+    exchange: the exchange is chosen per layer kind (window, full)."""
+    if sp is None or sp.softmax_exchange == softmax_exchange:
+        return sp
+    _check_exchange(softmax_exchange)
+    return replace(sp, softmax_exchange=softmax_exchange)
+
+
+def _check_exchange(name: str) -> None:
+    if name not in SOFTMAX_EXCHANGES:
+        raise ValueError(f"unknown softmax exchange {name!r}; known: {', '.join(SOFTMAX_EXCHANGES)} "
+                         "(auto is resolved per layer kind: sbtrain.profiler.comm.softmax_exchanges)")
 
 
 def slice_bounds(seq_length: int, rank: int, size: int) -> tuple[int, int]:

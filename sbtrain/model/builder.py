@@ -17,6 +17,7 @@ from sbtrain.model.megatron_config import to_megatron_config
 from sbtrain.model.recompute import install_ffn_activation_recompute
 from sbtrain.model.sinks import SinkTokenGPTModel
 from sbtrain.model.spec_provider import build_layer_specs
+from sbtrain.profiler.comm import softmax_exchanges
 
 
 def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device: torch.device):
@@ -28,8 +29,9 @@ def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, pp_rank=pp_rank)
-    specs = build_layer_specs(cfg.model, cfg.spiking,
-                              cfg.parallel.sp_softmax_exchange)[offset: offset + count]
+    # the SP exchange of each softmax layer kind, as `sbtrain plan` counts it (auto: by bytes)
+    exchanges = softmax_exchanges(cfg, device.type)
+    specs = build_layer_specs(cfg.model, cfg.spiking, exchanges)[offset: offset + count]
     block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=WrappedTorchNorm)
     model_class, extra = GPTModel, {}
     if cfg.model.sink_tokens:

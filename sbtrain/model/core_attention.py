@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from ops.attention import attention
 from ops.comm import SPContext
 from ops.documents import Documents
-from parallel.sequence import sp_context
+from parallel.sequence import sp_context, with_exchange
 from sbtrain.model.batch import context_of
 
 
@@ -32,6 +32,8 @@ class SoftmaxCoreAttention(MegatronModule):
         query_neuron: optional spiking neuron applied to the queries (sliding-window layers).
         window: keys each query sees before itself (4096 = itself + 4096 previous tokens,
             flash-attn's ``window_size=(4096, 0)``); None means full causal attention.
+        softmax_exchange: this layer's exchange under sp > 1 (tails, halo, ulysses), chosen
+            for its kind (``sbtrain.profiler.comm.softmax_exchanges``).
         The other arguments are Megatron's core-attention builder protocol; only the config's
         head counts, the tensor-parallel size and ``softmax_scale`` are used.
     """
@@ -50,6 +52,7 @@ class SoftmaxCoreAttention(MegatronModule):
         self.query_neuron = query_neuron
         self.sink_tokens = sink_tokens
         self.sp = sp_context(pg_collection, softmax_exchange)
+        self.softmax_exchange = softmax_exchange
         self.layer_number = layer_number
 
     def neuron_sites(self) -> dict[str, torch.nn.Module | None]:
@@ -66,8 +69,8 @@ class SoftmaxCoreAttention(MegatronModule):
         seq, batch = query.shape[:2]
         if self.query_neuron is not None:
             query = self.query_neuron(query)
-        out = causal_attention(query, key, value, self.window, documents,
-                               self.softmax_scale, self.sink_tokens, sp)
+        out = causal_attention(query, key, value, self.window, documents, self.softmax_scale,
+                               self.sink_tokens, with_exchange(sp, self.softmax_exchange))
         return out.reshape(seq, batch, -1)
 
 

@@ -29,7 +29,7 @@ from megatron.core.transformer.module import MegatronModule
 from ops.comm import SPContext
 from ops.documents import Documents
 from ops.gla_gate import gate_log_decay
-from parallel.sequence import sp_context
+from parallel.sequence import sp_context, with_exchange
 from sbtrain.model.batch import context_of
 from sbtrain.model.core_attention import causal_attention
 from sbtrain.model.gla import (
@@ -67,6 +67,7 @@ class ParallelHybridAttention(MegatronModule):
         self.query_neuron = query_neuron
         self.tp_group = tp_group
         self.sp = sp_context(pg_collection, softmax_exchange)
+        self.softmax_exchange = softmax_exchange
         self.norm_eps = config.layernorm_epsilon
         self.linear_qkv, self.linear_proj = attention_projections(config, submodules, add_qkv_bias,
                                                                   tp_group)
@@ -129,4 +130,4 @@ class ParallelHybridAttention(MegatronModule):
         if self.query_neuron is not None:
             q = self.query_neuron(q)
         return causal_attention(q, k, v, self.window, documents, self.head_dim ** -0.5,
-                                self.sink_tokens, sp)
+                                self.sink_tokens, with_exchange(sp, self.softmax_exchange))

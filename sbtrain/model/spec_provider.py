@@ -47,11 +47,15 @@ class SpecProvider(BackendSpecProvider):
     """The MoE's experts slot (a test swaps in Megatron's SequentialMLP to compare keys)."""
 
     def __init__(self, model: ModelConfig, neuron: Neuron | None = None,
-                 softmax_exchange: str = "tails") -> None:
+                 softmax_exchanges: dict[str, str] | None = None) -> None:
         self.model = model
         self.neuron = neuron
-        self.softmax_exchange = softmax_exchange
-        """parallel.sp_softmax_exchange: how softmax mixers exchange keys under sp > 1."""
+        self.softmax_exchanges = softmax_exchanges or {"window": "tails", "full": "tails"}
+        """How softmax mixers exchange under sp > 1, per layer kind (``window``, ``full``):
+        parallel.sp_softmax_exchange resolved (``sbtrain.profiler.comm.softmax_exchanges``)."""
+
+    def _exchange(self, window: int | None) -> str:
+        return self.softmax_exchanges["full" if window is None else "window"]
 
     # -- Megatron's BackendSpecProvider questions -------------------------------------------
     def column_parallel_linear(self) -> type:
@@ -80,7 +84,7 @@ class SpecProvider(BackendSpecProvider):
         return functools.partial(SoftmaxCoreAttention, window=window,
                                  sink_tokens=self.model.sink_tokens,
                                  query_neuron=self._window_neuron(window),
-                                 softmax_exchange=self.softmax_exchange)
+                                 softmax_exchange=self._exchange(window))
 
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool) -> Callable:
         """Routed experts: SequentialMLP's parameters, one grouped GEMM (``GroupedExperts``)."""
@@ -131,7 +135,7 @@ class SpecProvider(BackendSpecProvider):
             params=dict(window=window, shared_projections=self.model.hybrid.shared_projections,
                         sink_tokens=self.model.sink_tokens, add_qkv_bias=self.model.qkv_bias,
                         query_neuron=self._window_neuron(window),
-                        softmax_exchange=self.softmax_exchange),
+                        softmax_exchange=self._exchange(window)),
             submodules=self._projections())
 
     def mlp(self, ffn: str) -> Callable:
@@ -168,13 +172,13 @@ MIXERS: dict[str, Callable[[SpecProvider], ModuleSpec]] = {
 
 
 def build_layer_specs(model: ModelConfig, spiking: SpikingConfig | None = None,
-                      softmax_exchange: str = "tails") -> list:
+                      softmax_exchanges: dict[str, str] | None = None) -> list:
     """One TransformerLayer spec per layer of ``model.pattern`` (spiking linears if enabled;
-    ``softmax_exchange``: parallel.sp_softmax_exchange)."""
+    ``softmax_exchanges``: the SP exchange per softmax layer kind, ``window`` and ``full``)."""
     neuron = None
     if spiking is not None and spiking.enabled:
         neuron = Neuron(spiking.k, spiking.vth_min, spiking.vth_max)
-    provider = SpecProvider(model, neuron, softmax_exchange)
+    provider = SpecProvider(model, neuron, softmax_exchanges)
     specs = []
     for index, (mixer, ffn) in enumerate(model.layers):
         if mixer not in MIXERS:

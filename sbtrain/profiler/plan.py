@@ -140,7 +140,7 @@ def _bytes(value: float) -> str:
 
 BRANCH_ROWS = {"linear": "GLA state", "window": "window {}", "full": "full K/V {}"}
 """Row label of each communicating branch; a softmax branch names its exchange."""
-EXCHANGE_ROWS = {"tails": "all-gather", "halo": "send/recv"}
+EXCHANGE_ROWS = {"tails": "all-gather", "halo": "send/recv", "ulysses": "all-to-all"}
 
 
 def _comm_row(code: str, exchanges: dict[str, str]) -> str:
@@ -169,13 +169,12 @@ def _comm_section(plan: dict) -> list[str]:
                  f"{worst['stage']}: {worst['layers']} layers x {comm['num_microbatches']} "
                  f"micro-batches, {_bytes(worst['bytes_per_microbatch'])} each)")
     uly = comm["ulysses"]
-    for kind, info in uly["kinds"].items():
-        lines.append(f"  Ulysses (all-to-all of q, k, v, o) per {kind}-attention layer/mb: "
-                     f"{_bytes(info['total_bytes'])} vs {_bytes(info['exchange_total_bytes'])} "
-                     f"by the {info['exchange']} exchange ({info['ratio']:.2f}x)")
-    if uly["kinds"] and not uly["heads_divisible"]:
-        lines.append(f"  (Ulysses needs heads {uly['heads']} and kv heads {uly['kv_heads']} per "
-                     f"TP rank divisible by sp {comm['sp']}; padding them is not counted)")
+    for kind, costs in comm["exchange_bytes"].items():
+        options = ", ".join(f"{name} {_bytes(total)}" + (" <- used" if name == comm["exchanges"][kind] else "")
+                            for name, total in costs.items())
+        lines.append(f"  {kind}-attention layer/mb by exchange: {options}")
+    if comm["exchange_bytes"] and uly["blocker"]:
+        lines.append(f"  (ulysses not eligible: {uly['blocker']})")
     return lines
 
 

@@ -112,3 +112,17 @@ def test_unknown_mixer_names_the_layer(monkeypatch):
     with pytest.raises(NotImplementedError, match="layer 1: mixer 'L'"):
         build_layer_specs(ModelConfig(pattern="*-L-"))
 
+
+
+def test_softmax_mixers_get_the_exchange_of_their_layer_kind():
+    """``softmax_exchanges`` (parallel.sp_softmax_exchange resolved per kind) reaches every
+    softmax mixer by its kind: ``W``/``H`` the window's, ``*``/``F`` full attention's."""
+    model = ModelConfig(pattern=PATTERN, moe=MoEConfig(num_experts=4))
+    specs = build_layer_specs(model, softmax_exchanges={"window": "halo", "full": "ulysses"})
+    given = {(i, path): value for i, spec in enumerate(specs) for path, value in _slots(spec)
+             if path.endswith("softmax_exchange")}
+    # layers of "*EW-L-HEF-": * (0), W (1), L (2), H (3), F (4)
+    assert sorted((i, value) for (i, _), value in given.items()) == [
+        (0, "ulysses"), (1, "halo"), (3, "halo"), (4, "ulysses")]
+    defaults = build_layer_specs(model)
+    assert {value for path, value in _slots(defaults[4]) if path.endswith("softmax_exchange")} == {"tails"}

@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-from parallel.sequence import resolved_softmax_exchange, sp_context
-from sbtrain.config import load_config
+from parallel.sequence import sp_context, with_exchange
+from sbtrain.config import ConfigError, load_config
 from sbtrain.profiler import format_plan, make_plan
-from sbtrain.profiler.comm import sp_comm_per_rank, window_exchange
+from sbtrain.profiler.comm import exchange_bytes, softmax_exchanges, sp_comm_per_rank
 
 TINY = "examples/configs/tiny.yaml"
 SEVEN_B = "examples/configs/spikingbrain_7b.yaml"
@@ -89,8 +89,11 @@ def test_recompute_repeats_forward_collectives():
     assert [selective["layers"][c]["recompute_bytes"] for c in ("L", "W", "*")] == [13_056, 0, 0]
     hybrid = comm("model.pattern=H-F-", "train.recompute=selective")["layers"]
     assert hybrid["H"]["recompute_bytes"] == hybrid["F"]["recompute_bytes"] == 13_056
-    assert comm("model.pattern=H-", "train.recompute=selective")["ulysses"]["kinds"]["window"][
-        "recompute_bytes"] == 0
+    # Ulysses' all-to-alls (ULYSSES) are not rerun under selective, once more under full
+    assert comm("model.pattern=H-", "train.recompute=selective")["exchange_bytes"]["window"][
+        "ulysses"] == ULYSSES
+    assert comm("model.pattern=H-", "train.recompute=full")["exchange_bytes"]["window"][
+        "ulysses"] == ULYSSES + LENGTH + ULYSSES_FWD
 
 
 def test_documents_precision_tp_and_worst_stage():
@@ -106,18 +109,54 @@ def test_documents_precision_tp_and_worst_stage():
     assert staged["worst_stage"] == 1 and staged["step_bytes"] == 4 * 2 * 36_888
 
 
-def test_ulysses_comparison():
-    ulysses = comm("model.pattern=L-W-*-")["ulysses"]
-    # q, o [b, s, 4*16] and k, v [b, s, 2*16] bf16 = 2*2048 + 2*1024; 3/4 of it leaves the rank
-    forward = 3 * (2 * 2 * 16 * 64 * 2 + 2 * 2 * 16 * 32 * 2) // 4
-    assert forward == 9_216
-    assert set(ulysses["kinds"]) == {"window", "full"}
-    for kind, halo in (("window", 18_456), ("full", 36_888)):
-        info = ulysses["kinds"][kind]
-        assert (info["forward_bytes"], info["total_bytes"]) == (forward, 2 * forward)
-        assert (info["exchange"], info["exchange_total_bytes"]) == ("tails", halo)
-    assert not ulysses["heads_divisible"]                    # 2 kv heads, sp 4
-    assert comm("model.pattern=L-")["ulysses"]["kinds"] == {}
+# Ulysses: q, o [b=2, 4 heads, s=16, D=16] and k, v [b, 2 kv heads, s, D] bf16 = 2*2048 + 2*1024
+# bytes; each all-to-all sends 3/4 of its tensor, forward (q/k/v, o) and backward (their grads).
+ULYSSES_FWD = 3 * (2 * 2 * 4 * 16 * 16 * 2 + 2 * 2 * 2 * 16 * 16 * 2) // 4
+ULYSSES = LENGTH + 2 * ULYSSES_FWD
+
+
+def test_ulysses_bytes_and_eligibility():
+    assert ULYSSES_FWD == 9_216
+    result = comm("model.pattern=L-W-*-")
+    # every exchange that can serve each kind, eligible or not; the window fits in a slice
+    assert result["exchange_bytes"] == {"window": {"halo": LENGTH + 2 * HALO, "tails": 18_456, "ulysses": ULYSSES},
+                                        "full": {"tails": 36_888, "ulysses": ULYSSES}}
+    # 2 kv heads do not divide by sp 4: not eligible, auto keeps the exchanges of keys
+    assert "kv heads (2) per TP rank must divide by sp = 4" in result["ulysses"]["blocker"]
+    assert comm("model.pattern=L-")["exchange_bytes"] == {}
+    # MHA (4 kv heads): q, k, v, o all [b, 4, s, D]; the same bytes whatever the window
+    mha = comm("model.pattern=W-*-", "model.num_query_groups=4", "parallel.sp_softmax_exchange=ulysses")
+    forward = 3 * 4 * (2 * 4 * 16 * 16 * 2) // 4
+    assert mha["ulysses"]["blocker"] is None and mha["exchanges"] == {"window": "ulysses", "full": "ulysses"}
+    for code in ("W", "*"):
+        layer = mha["layers"][code]
+        assert (layer["forward_bytes"], layer["backward_bytes"]) == (LENGTH + forward, forward) == (12_312, 12_288)
+        assert [c["op"] for c in layer["collectives"]] == ["all_gather"] + ["all_to_all"] * 4
+    # documents: the whole sequence's ids, an all-gather of [b, s] int32 (3 * 128 bytes)
+    docs = comm("model.pattern=*-", "model.num_query_groups=4", "parallel.sp_softmax_exchange=ulysses",
+                "data.document_mask=true")
+    assert docs["layers"]["*"]["forward_bytes"] == LENGTH + forward + 3 * 2 * 16 * 4
+
+
+def test_auto_chooses_per_layer_kind_by_bytes():
+    # MHA at sp 4: the window's halo (n each way) beats Ulysses; full attention's all-gather of
+    # every key ([b, 8, 16, D]: 3n + 6n) loses to Ulysses' 24,600 bytes
+    auto = comm("model.pattern=W-*-", "model.num_query_groups=4", "parallel.sp_softmax_exchange=auto")
+    costs = auto["exchange_bytes"]
+    assert auto["exchanges"] == {"window": "halo", "full": "ulysses"}
+    assert costs["full"]["ulysses"] == LENGTH + 2 * 12_288 < costs["full"]["tails"] == LENGTH + 9 * 8_192
+    assert costs["window"]["halo"] < costs["window"]["ulysses"] < costs["window"]["tails"]
+    # slices shorter than the window (T = 16: 4 tokens < 8): no halo; Ulysses beats the tails
+    short = comm("model.pattern=W-", "model.num_query_groups=4", "train.seq_length=16",
+                 "parallel.sp_softmax_exchange=auto")
+    assert set(short["exchange_bytes"]["window"]) == {"tails", "ulysses"}
+    assert short["exchanges"] == {"window": "ulysses"}
+    # not eligible (2 kv heads): never chosen by auto; written explicitly: an error naming the key
+    assert comm("model.pattern=W-*-", "parallel.sp_softmax_exchange=auto")["exchanges"] == {
+        "window": "halo", "full": "tails"}
+    with pytest.raises(ConfigError, match="kv heads") as info:
+        comm("model.pattern=W-*-", "parallel.sp_softmax_exchange=ulysses")
+    assert info.value.key == "parallel.sp_softmax_exchange"
 
 
 def test_sp1_gives_no_section():
@@ -128,7 +167,7 @@ def test_sp1_gives_no_section():
     assert "sequence-parallel" not in format_plan(plan)
     text = format_plan(make_plan(load_config(TINY, ["parallel.sp=4"])))
     assert "sequence-parallel traffic per rank (sp 4, slice 16 tokens" in text
-    assert "Ulysses" in text
+    assert "full-attention layer/mb by exchange: tails 36.02 KiB <- used, ulysses 18.02 KiB" in text
 
 
 def test_7b_at_128k_sp8_doc_numbers():
@@ -142,8 +181,11 @@ def test_7b_at_128k_sp8_doc_numbers():
     # pp 2: each stage holds 7 L and 7 W layers
     assert result["step_bytes"] == 32 * 7 * (7_397_376 + 234_881_136) == 54_270_386_688
     # (2 * 28 + 2 * 4) heads of [1, 16384, 128] bf16, 7/8 of it, forward + grads + recompute
-    ulysses = result["ulysses"]["kinds"]["window"]
-    assert ulysses["total_bytes"] == 3 * 7 * (64 * 16_384 * 128 * 2) // 8 == 704_643_072
+    # 28 heads, 4 kv heads (2 * 28 + 2 * 4 heads of [1, 16384, 128] bf16, 7/8 of it), forward
+    # + grads + recompute: 28 and 4 do not divide by sp 8, so Ulysses is counted, not chosen
+    assert result["exchange_bytes"]["window"]["ulysses"] == 2 * 7 * 8 + 3 * 7 * (
+        64 * 16_384 * 128 * 2) // 8 == 704_643_184
+    assert result["ulysses"]["blocker"] and result["exchanges"] == {"window": "tails"}
 
 
 # parallel.sp_softmax_exchange: the base's window 8 fits in the 16-token slices, so halo runs.
@@ -177,9 +219,7 @@ def test_halo_tails_and_full_bytes_by_exchange():
     # auto picks the cheaper one: the halo's 4,120 bytes against the tails' 18,456
     assert auto["exchanges"] == halo["exchanges"] and auto["layers"] == halo["layers"]
     assert auto["step_bytes"] == 4 * (4_120 + 36_888) < tails["step_bytes"] == 4 * (18_456 + 36_888)
-    # the Ulysses comparison is against the exchange the run uses
-    assert halo["ulysses"]["kinds"]["window"]["exchange"] == "halo"
-    assert halo["ulysses"]["kinds"]["window"]["exchange_total_bytes"] == 4_120
+    assert halo["exchange_bytes"]["window"]["halo"] == 4_120
 
 
 def test_halo_bytes_with_documents_recompute_and_fp32():
@@ -199,17 +239,24 @@ def test_auto_and_halo_keep_tails_when_a_slice_is_shorter_than_the_window():
         assert short["layers"]["W"]["forward_bytes"] == LENGTH + 3 * tail(4) == 3_096
 
 
-def test_auto_resolves_to_what_the_plan_counts():
-    # the ops get "halo" for auto (its own fallback covers short slices and full attention)
-    assert [resolved_softmax_exchange(name) for name in ("tails", "halo", "auto")] == [
-        "tails", "halo", "halo"]
-    with pytest.raises(ValueError, match="unknown softmax exchange 'both'"):
-        resolved_softmax_exchange("both")
+def test_the_run_gets_the_exchanges_the_plan_counts():
+    # the builder hands softmax_exchanges' choice to the mixers; each sets it on the
+    # micro-batch's SP context (with_exchange); an unresolved auto is refused there
     for seq in (16, 64):                   # slices shorter than / at least the window
-        cfgs = [load_config(TINY, ["parallel.sp=4", "model.sliding_window=8", f"train.seq_length={seq}",
-                                   f"parallel.sp_softmax_exchange={name}"]) for name in ("auto", "halo")]
-        assert window_exchange(cfgs[0]) == window_exchange(cfgs[1])
-    assert sp_context(None, "auto") is None                   # sp 1: nothing to exchange
+        cfg = load_config(TINY, ["parallel.sp=4", "model.sliding_window=8", f"train.seq_length={seq}",
+                                 "model.pattern=W-*-", "parallel.sp_softmax_exchange=auto"])
+        assert softmax_exchanges(cfg) == sp_comm_per_rank(cfg, 4)["exchanges"]
+    assert sp_context(None, "ulysses") is None                   # sp 1: nothing to exchange
+    assert with_exchange(None, "halo") is None
+    with pytest.raises(ValueError, match="unknown softmax exchange 'auto'"):
+        sp_context(None, "auto")
+    sp1 = load_config(TINY, ["parallel.sp_softmax_exchange=ulysses"])
+    assert softmax_exchanges(sp1) == {"window": "tails", "full": "tails"}  # nothing is split
+    # sp 2 with H = 2 Hkv: the full tails ([b, 4, 32, D] bf16 = n: n + 2n) and Ulysses (q/k/v
+    # 2n and o n, half of each, both ways) tie; a tie keeps the exchange of keys
+    sp2 = load_config(TINY, ["parallel.sp=2", "parallel.sp_softmax_exchange=auto"])
+    assert exchange_bytes(sp2, "full") == {"tails": 8 + 3 * 8_192, "ulysses": 8 + 3 * 8_192}
+    assert softmax_exchanges(sp2)["full"] == "tails"
 
 
 def test_plan_text_names_the_exchange():
@@ -218,7 +265,12 @@ def test_plan_text_names_the_exchange():
                                                     "parallel.sp_softmax_exchange=auto"])))
     assert "GLA state + window send/recv" in text
     assert "GLA state + full K/V all-gather" in text
-    assert "by the halo exchange" in text and "by the tails exchange" in text
+    assert "window-attention layer/mb by exchange: halo 4.02 KiB <- used, tails 18.02 KiB" in text
+    assert "(ulysses not eligible: query heads (4) and kv heads (2) per TP rank" in text
+    mha = format_plan(make_plan(load_config(TINY, ["parallel.sp=4", "model.pattern=H-F-",
+                                                   "model.num_query_groups=4",
+                                                   "parallel.sp_softmax_exchange=auto"])))
+    assert "GLA state + full K/V all-to-all" in mha and "not eligible" not in mha
 
 
 def test_7b_at_128k_sp8_halo_doc_numbers():
