@@ -120,7 +120,8 @@ class Trainer:
                                     self.state.device, self.state.groups.rank)
         if self.cfg.data.document_mask:
             self.eod = document_eod(self.cfg)
-        self._sp = sp_context(self.state.groups.pg_collection, self.cfg.parallel.sp_softmax_exchange)
+        # the softmax mixers set their layer kind's exchange on it (parallel.sequence.with_exchange)
+        self._sp = sp_context(self.state.groups.pg_collection)
         if self._sp is not None:  # parallel.sp_early_exchange: the A/B switch of the overlap
             self._sp = dataclasses.replace(self._sp, early_exchange=self.cfg.parallel.sp_early_exchange)
         if self.state.is_logging_rank:

@@ -211,13 +211,14 @@ class ParallelConfig:
     """Elements per gradient / parameter bucket of the overlapped communication; 0: Megatron's
     default, max(40M, 1M x dp). Ignored when neither overlap is on (one bucket)."""
     sp_softmax_exchange: str = "tails"
-    """How sliding-window softmax layers get earlier slices' keys under sp > 1
-    (ops/attention/sequence_parallel.py): ``tails`` (every rank all-gathers every rank's last
-    window), ``halo`` (send/recv from the previous rank only, when every slice holds at least
-    one window; otherwise tails) or ``auto`` (per sliding-window layer the one that moves fewer
-    bytes, ``sbtrain plan``'s count: halo whenever every slice holds a window). Full attention
-    always gathers (tails). The default stays ``tails`` because the halo has not run on GPUs
-    yet (it is tested on CPU/gloo only)."""
+    """How softmax layers see earlier slices under sp > 1 (ops/attention/sequence_parallel.py):
+    ``tails`` (every rank all-gathers every rank's last window; every key for full attention),
+    ``halo`` (send/recv from the previous rank only, for sliding windows when every slice
+    holds at least one window; otherwise tails), ``ulysses`` (all-to-all over heads, then
+    attention over the whole sequence: needs query and kv heads per TP rank divisible by sp)
+    or ``auto`` (per layer kind, sliding window and full, the eligible one that moves the
+    fewest bytes by ``sbtrain plan``'s count). The default stays ``tails`` because halo and
+    ulysses have not run on GPUs yet (they are tested on CPU/gloo only)."""
 
     sp_early_exchange: bool = True
     """Under sp > 1, issue each layer's exchange before the work that does not need it and wait
@@ -240,9 +241,9 @@ class ParallelConfig:
                 raise ConfigError(f"expected true, false or auto, got {getattr(self, name)!r}",
                                   key=f"parallel.{name}")
         check_at_least(self, "parallel", 0, ("bucket_size",))
-        if self.sp_softmax_exchange not in ("tails", "halo", "auto"):
+        if self.sp_softmax_exchange not in ("tails", "halo", "ulysses", "auto"):
             raise ConfigError(f"unknown exchange {self.sp_softmax_exchange!r}; known: tails, "
-                              "halo, auto", key="parallel.sp_softmax_exchange")
+                              "halo, ulysses, auto", key="parallel.sp_softmax_exchange")
 
     def resolved_dp(self, world_size: int) -> int:
         return self.dp or world_size // (self.pp * self.tp * self.sp)

@@ -27,8 +27,8 @@ CASES = [
     ("train.exit_duration_minutes=-1", "train.exit_duration_minutes", "must be >= 0"),
     ("train.hang_timeout_minutes=-1", "train.hang_timeout_minutes", "must be >= 0"),
     ("parallel.timeout_minutes=0", "parallel.timeout_minutes", "must be > 0"),
-    ("parallel.sp_softmax_exchange=ulysses", "parallel.sp_softmax_exchange",
-     "unknown exchange 'ulysses'; known: tails, halo, auto"),
+    ("parallel.sp_softmax_exchange=ring", "parallel.sp_softmax_exchange",
+     "unknown exchange 'ring'; known: tails, halo, ulysses, auto"),
 ]
 
 
@@ -49,7 +49,7 @@ def test_out_of_range_value_names_key_and_file(config_file, override, key, messa
 
 def test_sp_softmax_exchange_values_load(config_file):
     assert load_config(config_file).parallel.sp_softmax_exchange == "tails"      # the default
-    for value in ("tails", "halo", "auto"):
+    for value in ("tails", "halo", "ulysses", "auto"):
         cfg = load_config(config_file, [f"parallel.sp_softmax_exchange={value}"])
         assert cfg.parallel.sp_softmax_exchange == value
 

@@ -57,6 +57,10 @@ LAYOUTS = {
     # slices takes it, F layers (full attention) keep the all-gather
     ("76b", "sp2_ep2_halo"): (2, {"parallel.sp": 2, "parallel.ep": 2,
                                   "parallel.sp_softmax_exchange": "halo"}),
+    # Ulysses (all-to-all over heads) in every softmax branch, H (window 4) and F (full), with
+    # the sinks and documents: 4 heads and 2 kv heads split over sp 2
+    ("76b", "sp2_ep2_ulysses"): (2, {"parallel.sp": 2, "parallel.ep": 2,
+                                     "parallel.sp_softmax_exchange": "ulysses"}),
     ("76b", "sp4"): (4, {"parallel.sp": 4, "train.loss_chunk_tokens": 5}),
     ("76b", "sp2_dp2"): (4, {"parallel.sp": 2}),
     ("76b", "sp2_pp2"): (4, {"parallel.sp": 2, "parallel.pp": 2}),
