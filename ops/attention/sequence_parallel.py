@@ -19,11 +19,15 @@ positions. Two exist:
   the gradients go back the same way). Otherwise (full attention, slices shorter than the
   window) it is ``tails``. Chosen per SP context (``SPContext.softmax_exchange``).
 
-Chosen over Ulysses (all-to-all over heads) because it needs no head padding when heads do
-not divide the SP size and, for a window, moves a volume that does not grow with the sequence:
-at SpikingBrain-7B's shape and sp 8, Ulysses moves less below about 44K tokens and 3x more at
-128K (``sbtrain plan`` prints both; docs/sequence_parallel.md). Another exchange (Ulysses)
-would be one more function in :data:`EXCHANGES`.
+A third option, ``ulysses`` (``ulysses.py``), is not an exchange of keys: an all-to-all over
+heads gives each rank all positions of some heads, the one-process attention runs on them and
+a second all-to-all returns the output. It needs the heads and kv heads to divide by the SP
+size and equal slices, and moves the slice's q, k, v and output whatever the window: less
+than ``tails`` for full attention, more than ``halo`` wherever the halo runs, and more than
+``tails`` for a window once slices exceed 4/3 of it (SpikingBrain-7B's heads; at sp 8, above
+about 44K tokens). ``parallel.sp_softmax_exchange:
+auto`` picks per layer kind (window, full) the option that moves fewer bytes, by ``sbtrain
+plan``'s count (``sbtrain.profiler.comm.softmax_exchanges``; docs/sequence_parallel.md).
 
 The sinks (seen by every query, attending to each other only) are the same on every rank.
 With ``SPContext.early_exchange`` (the default) the attention runs in two parts while the keys
@@ -49,6 +53,7 @@ from torch import Tensor
 from ops.attention.local import local_attention, local_attention_lse
 from ops.attention.lse_merge import merge_attention
 from ops.attention.masks import Positions
+from ops.attention.ulysses import ulysses_attention
 from ops.comm import (
     InFlight,
     SPContext,
@@ -86,7 +91,9 @@ def sp_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None, documen
                  scale: float | None, sp: SPContext, exchange: str | None = None) -> Tensor:
     """This rank's ``q [b, H, S + s_r, D]``, ``k, v [b, Hkv, S + s_r, D]`` (S sinks, then its
     slice; ``documents [b, s_r]`` global ids sliced like the tokens) -> ``[b, H, S + s_r, D]``.
-    ``exchange``: a name in EXCHANGES; None: ``sp.softmax_exchange``."""
+    ``exchange``: a name in EXCHANGES or ``ulysses``; None: ``sp.softmax_exchange``."""
+    if (exchange or sp.softmax_exchange) == "ulysses":
+        return ulysses_attention(q, k, v, window=window, documents=documents, sinks=sinks, scale=scale, sp=sp)
     ids = document_ids(documents)
     incoming = EXCHANGES[exchange or sp.softmax_exchange](k[:, :, sinks:], v[:, :, sinks:], ids, window, sp)
     if not sp.early_exchange:
