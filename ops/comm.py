@@ -42,9 +42,11 @@ class SPContext:
     group: ProcessGroup
     lengths: tuple[int, ...] | None = None
     softmax_exchange: str = "tails"
-    """How softmax attention gets earlier slices' keys (``ops.attention.sequence_parallel``
-    EXCHANGES): ``tails`` (all-gather every rank's tail) or ``halo`` (send/recv from the
-    previous rank only, when every slice holds at least one window)."""
+    """How softmax attention sees earlier slices (``ops.attention.sequence_parallel``):
+    ``tails`` (all-gather every rank's tail), ``halo`` (send/recv from the previous rank only,
+    when every slice holds at least one window) or ``ulysses`` (all-to-all over heads,
+    ``ops.attention.ulysses``). The model's softmax layers set their kind's on the
+    micro-batch's context (``parallel.sequence.with_exchange``)."""
     documents: Tensor | None = field(default=None, repr=False)
     early_exchange: bool = True
     """Start each exchange (GLA state gather, softmax keys) before the local kernel and wait
