@@ -76,9 +76,16 @@ def assert_loss_fusion_matches(loss_fn, dtype=torch.float32, device="cpu", tol=1
         assert plain["ready"] == fused["ready"] == MICRO_BATCHES, tied
         assert (plain["added"], fused["added"]) == (False, True), tied
         assert rel_rms(fused["main_grad"], plain["main_grad"]) < tol, (tied, dtype)
-        exact = plain_fn is None
-        for got, want in zip(fused["hidden_grads"], plain["hidden_grads"]):
-            torch.testing.assert_close(got, want, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5)
+        for got, want in zip(fused["hidden_grads"], plain["hidden_grads"]):  # nor does dH
+            torch.testing.assert_close(got, want, **_input_grad_tol(plain_fn is None, device, dtype))
+
+
+def _input_grad_tol(same_fn: bool, device: str, dtype: torch.dtype) -> dict:
+    """Bit for bit when the same function runs on the CPU; GPU libraries may pick other
+    algorithms from one call to the next, and the interpreter runs other kernels than torch."""
+    if same_fn and device == "cpu":
+        return {"rtol": 0, "atol": 0}
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
 
 
 def test_loss_accumulates_into_main_grad_fp32():
@@ -187,9 +194,8 @@ def assert_experts_fusion_matches(linear, dtype=torch.float32, device="cpu", tol
         assert rel_rms(*flat) < tol, (layout, rel_rms(*flat))
         for e, got in enumerate(fused["main_grads"]):  # empty experts: exactly zero
             assert (got.abs().sum() == 0) == (COUNTS[e % E_] == 0), (layout, e)
-        exact = plain_linear is None  # the same dX computation: bit for bit
-        for got, want in zip(fused["x_grads"], plain["x_grads"]):
-            torch.testing.assert_close(got, want, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5)
+        for got, want in zip(fused["x_grads"], plain["x_grads"]):  # dX does not depend on the fusion
+            torch.testing.assert_close(got, want, **_input_grad_tol(plain_linear is None, device, dtype))
         steps.append(fused["step"])
     # the fc1 region of each layout: in DDP's, expert e + 1's fc1 is one fc1 + one fc2 back
     want_steps = {"megatron": -(2 * F_ * H + H * F_), "forward": 2 * F_ * H, "uneven": None}
