@@ -37,6 +37,9 @@ class SPContext:
             all-gather them per call (slices may differ in length).
         documents: [P, b, s] every rank's segment ids (equal slices), gathered once per
             micro-batch by :meth:`for_batch`; None: the ops gather the edges they need per call.
+        block_masks: the micro-batch's flex block masks of SP attention's positions, filled
+            by the first layer and reused by the others (:meth:`block_masks_for`); a new dict
+            per :meth:`for_batch`, None outside one micro-batch (masks built per call).
     """
 
     group: ProcessGroup
@@ -52,6 +55,7 @@ class SPContext:
     """Start each exchange (GLA state gather, softmax keys) before the local kernel and wait
     for it after (``parallel.sp_early_exchange``); False: block at the exchange (the A/B
     baseline). Same results either way."""
+    block_masks: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def rank(self) -> int:
@@ -67,7 +71,15 @@ class SPContext:
         ``documents`` ([b, local] ids of this rank's slice), every rank's ids from one
         all-gather, which the ops then slice instead of gathering per layer."""
         gathered = None if documents is None else all_gather_values(documents, self.group)
-        return replace(self, lengths=(local,) * self.size, documents=gathered)
+        return replace(self, lengths=(local,) * self.size, documents=gathered, block_masks={})
+
+    def block_masks_for(self, exchange: str) -> dict | None:
+        """The dict that keeps the block masks of ``exchange``'s positions in this micro-batch
+        (``ops.masks.Positions.block_masks``): every layer's positions of one exchange are
+        equal (slice lengths, ranks and documents are the micro-batch's). None outside one."""
+        if self.block_masks is None:
+            return None
+        return self.block_masks.setdefault((exchange, self.early_exchange), {})
 
     def slice_lengths(self, local: int, device: torch.device) -> list[int]:
         """Every rank's slice length (``local`` is this rank's)."""

@@ -5,9 +5,10 @@ applies the mask_mod only on the tiles it lists as partial, so a 4096-token wind
 O(T · window) instead of O(T²). Both come from ``masks.py`` (the rule's mask_mod and tile
 structure). Sinks are keys of the same call ([sinks; tokens] in one sequence).
 
-Masks of calls without explicit positions are cached (:class:`BlockMaskCache`); with positions
-(sequence parallelism) the mask is rebuilt per call: a handful of small kernels over the tiles,
-no host synchronisation.
+Masks are cached (:class:`BlockMaskCache`): without explicit positions per length, sinks and
+window (and on the micro-batch's ``Documents``); with positions (sequence parallelism) in the
+micro-batch's dict that the positions carry (``Positions.block_masks``), else rebuilt per call:
+a handful of small kernels over the tiles, no host synchronisation.
 
 Nothing here imports flex_attention, dynamo or triton at import time; the compiled kernel is
 built on the first call.
@@ -68,12 +69,14 @@ def effective_window(T: int, window: int | None) -> int | None:
 
 
 class BlockMaskCache:
-    """Block masks of calls without explicit positions, reused across calls.
+    """Block masks reused across calls; ``builds`` counts the masks built.
 
     Without documents a mask depends only on (length, sinks, window, device): a few are kept
     here. With documents the mask is kept on the micro-batch's ``ops.documents.Documents``
     (every layer of one forward pass gets the same object; the next batch brings a new one);
-    bare id tensors build a mask per call.
+    bare id tensors build a mask per call. With positions the mask is kept in the positions'
+    ``block_masks`` dict (one per micro-batch and exchange: every layer's positions are equal),
+    or built per call when they carry none.
     """
 
     def __init__(self, max_plain: int = 8) -> None:
@@ -99,6 +102,23 @@ class BlockMaskCache:
             documents.block_masks[key] = self._build(L, sinks, window, documents.ids, device)
         return documents.block_masks[key]
 
+    def get_positioned(self, Lq: int, Lk: int, sinks: int, window: int | None,
+                       documents: Documents | Tensor | None, positions: Positions,
+                       device: torch.device) -> BlockMask:
+        """The block mask of a call with positions: from ``positions.block_masks`` when the
+        caller keeps one for the micro-batch, built on a miss (or every call without one)."""
+        held = positions.block_masks
+        key = (Lq, Lk, sinks, window, documents is None, device)
+        if held is not None and key in held:
+            return held[key]
+        self.builds += 1
+        layout = mask_layout(Lq, Lk, window=window, documents=documents, sinks=sinks, positions=positions,
+                             device=device)
+        mask = build_block_mask(layout)
+        if held is not None:
+            held[key] = mask
+        return mask
+
     def clear(self) -> None:
         """Drop every cached mask without documents."""
         self._plain.clear()
@@ -115,10 +135,18 @@ BLOCK_MASKS = BlockMaskCache()
 
 @functools.cache
 def compiled_flex_attention() -> Callable[..., object]:
-    """``flex_attention`` compiled once per process (recompiled by dynamo per new shape/dtype).
+    """``flex_attention`` compiled once per process, shared by every layer and call.
+
+    Dynamo compiles one graph per call signature: shapes, dtypes, requires_grad and grad mode,
+    lse or not, and the mask_mod's code and closure (its tensors' shapes, ``layout.indexed``),
+    never tensor values: a new micro-batch's documents or SP positions reuse the graphs the
+    first micro-batch compiled (tests/ops/test_flex_recompiles.py; about 3 graphs for training
+    plus 3 for validation under SP, of dynamo's ``recompile_limit`` 8).
 
     ``fullgraph=True``: a graph break would fall back to the unfused flex path, which
-    materialises the Lq × Lk scores; failing loudly is better.
+    materialises the Lq × Lk scores; failing loudly is better. For the same reason a wrapper
+    that outgrows ``recompile_limit`` raises ``FailOnRecompileLimitHit`` instead of running
+    eagerly (torch >= 2.9 with fullgraph).
     """
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -132,12 +160,11 @@ def compiled_flex_attention() -> Callable[..., object]:
 
 def block_mask_of(q: Tensor, k: Tensor, window: int | None, documents: Tensor | None, sinks: int,
                   positions: Positions | None, cache: BlockMaskCache | None) -> BlockMask:
-    """The call's block mask: cached without positions, built per call with them."""
+    """The call's block mask, from ``cache`` (default :data:`BLOCK_MASKS`) or built."""
+    cache = BLOCK_MASKS if cache is None else cache
     if positions is None:
-        return (BLOCK_MASKS if cache is None else cache).get(q.shape[2], sinks, window, documents, q.device)
-    layout = mask_layout(q.shape[2], k.shape[2], window=window, documents=documents, sinks=sinks,
-                         positions=positions, device=q.device)
-    return build_block_mask(layout)
+        return cache.get(q.shape[2], sinks, window, documents, q.device)
+    return cache.get_positioned(q.shape[2], k.shape[2], sinks, window, documents, positions, q.device)
 
 
 def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
@@ -152,7 +179,7 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, *, window: int | Non
     Args:
         flex_fn: the flex_attention callable; defaults to :func:`compiled_flex_attention`.
             Tests pass the eager one to run the same block mask and mask_mod on CPU.
-        cache: block-mask cache of calls without positions; defaults to :data:`BLOCK_MASKS`.
+        cache: the block-mask cache (it counts the masks built); defaults to :data:`BLOCK_MASKS`.
     """
     check_inputs(q, k, v, window, documents, sinks, positions)
     block_mask = block_mask_of(q, k, window, documents, sinks, positions, cache)
@@ -188,7 +215,7 @@ def verify_flex(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None, d
                 sinks: int = 0, positions: Positions | None = None, scale: float | None = None) -> Check:
     """Accept CUDA calls in fp16/bf16/fp32 with a head dim the flex kernels are tuned for, every
     index tensor on q's device."""
-    index = (document_ids(documents),) if positions is None else (document_ids(documents), *vars(positions).values())
+    index = (document_ids(documents),) if positions is None else (document_ids(documents), *positions.tensors())
     tensors = [q, k, v, *(t for t in index if t is not None)]
     if any(t.device.type != "cuda" for t in tensors):
         return False, "flex_attention kernels need CUDA tensors"

@@ -27,7 +27,7 @@ and compiling it adds a second compiled function.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -52,12 +52,21 @@ class Positions:
         key: [Tk] integer positions of the regular keys (any value in padding slots).
         key_valid: [Tk] bool; False marks a padding slot nobody sees. None: all valid.
         key_documents: [B, Tk] integer document ids of the keys; required with ``documents``.
+        block_masks: where flex keeps the block masks of these positions for the next layers:
+            one dict per micro-batch and kind of positions (``SPContext.block_masks_for``),
+            shared by every call whose positions are equal (the same exchange of the same
+            micro-batch; keyed inside by lengths, sinks and window). None: built per call.
     """
 
     query: Tensor
     key: Tensor
     key_valid: Tensor | None = None
     key_documents: Tensor | None = None
+    block_masks: dict | None = field(default=None, compare=False, repr=False)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The index tensors that are given (for device checks)."""
+        return tuple(t for t in (self.query, self.key, self.key_valid, self.key_documents) if t is not None)
 
 
 @dataclass(frozen=True)

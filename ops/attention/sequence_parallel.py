@@ -96,14 +96,17 @@ def sp_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None, documen
         return ulysses_attention(q, k, v, window=window, documents=documents, sinks=sinks, scale=scale, sp=sp)
     ids = document_ids(documents)
     incoming = EXCHANGES[exchange or sp.softmax_exchange](k[:, :, sinks:], v[:, :, sinks:], ids, window, sp)
+    # every layer's positions of this exchange are equal: their block mask is built once per micro-batch
+    block_masks = sp.block_masks_for(exchange or sp.softmax_exchange)
     if not sp.early_exchange:
-        return _attend_at_once(q, k, v, incoming, window=window, documents=ids, sinks=sinks, scale=scale)
+        return _attend_at_once(q, k, v, incoming, window=window, documents=ids, sinks=sinks, scale=scale,
+                               block_masks=block_masks)
     # the own slice (and the sinks) while the keys travel; ``documents`` may be the batch's
     # Documents, which keeps this call's block mask for the next layers
     own, own_lse = local_attention_lse(q, k, v, window=window, documents=documents, sinks=sinks, scale=scale)
     keys, values = incoming.wait()
     positions = Positions(query=incoming.query, key=incoming.key, key_valid=incoming.key_valid,
-                          key_documents=incoming.key_documents)
+                          key_documents=incoming.key_documents, block_masks=block_masks)
     earlier, earlier_lse = local_attention_lse(q[:, :, sinks:], keys, values, window=window, documents=ids,
                                                positions=positions, scale=scale)
     merged, _ = merge_attention(own[:, :, sinks:], own_lse[:, :, sinks:], earlier, earlier_lse)
@@ -111,14 +114,16 @@ def sp_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None, documen
 
 
 def _attend_at_once(q: Tensor, k: Tensor, v: Tensor, incoming: Incoming, *, window: int | None,
-                    documents: Tensor | None, sinks: int, scale: float | None) -> Tensor:
+                    documents: Tensor | None, sinks: int, scale: float | None,
+                    block_masks: dict | None = None) -> Tensor:
     """One attention call over [sinks; received keys; own slice] once the keys have arrived."""
     keys, values = incoming.wait()
     seq = q.shape[2] - sinks
     positions = Positions(
         query=incoming.query, key=torch.cat([incoming.key, incoming.query]),
         key_valid=torch.cat([incoming.key_valid, torch.ones(seq, dtype=torch.bool, device=q.device)]),
-        key_documents=None if documents is None else torch.cat([incoming.key_documents, documents], dim=1))
+        key_documents=None if documents is None else torch.cat([incoming.key_documents, documents], dim=1),
+        block_masks=block_masks)
     keys = torch.cat([k[:, :, :sinks], keys, k[:, :, sinks:]], dim=2)
     values = torch.cat([v[:, :, :sinks], values, v[:, :, sinks:]], dim=2)
     return local_attention(q, keys, values, window=window, documents=documents, sinks=sinks,
