@@ -47,6 +47,8 @@ LAYOUTS = {  # the SpikingBrain-7B is dense: no expert-parallel layouts for it
     "dp2_ep2": {"parallel.ep": 2}, "sp2_ep2": {"parallel.sp": 2, "parallel.ep": 2},
     # the softmax halo by send/recv (NCCL P2P) instead of the all-gather
     "sp2_ep2_halo": {"parallel.sp": 2, "parallel.ep": 2, "parallel.sp_softmax_exchange": "halo"},
+    # Ulysses: NCCL all-to-all over heads (4 heads, 2 kv heads over sp 2) in H and F layers
+    "sp2_ep2_ulysses": {"parallel.sp": 2, "parallel.ep": 2, "parallel.sp_softmax_exchange": "ulysses"},
 }
 PRECISIONS = ("bf16", "fp32")
 TOLERANCE = {"bf16": 2e-4, "fp32": 1e-5, "fp32_sp": 5e-5}
