@@ -145,13 +145,20 @@ def compiled_flex_attention() -> Callable[..., object]:
 
     ``fullgraph=True``: a graph break would fall back to the unfused flex path, which
     materialises the Lq × Lk scores; failing loudly is better. For the same reason a wrapper
-    that outgrows ``recompile_limit`` raises ``FailOnRecompileLimitHit`` instead of running
-    eagerly (torch >= 2.9 with fullgraph).
+    that outgrows ``recompile_limit`` raises ``FailOnRecompileLimitHit`` (torch 2.13 here;
+    older torch may run the function eagerly instead), and the function itself raises when it
+    runs outside dynamo whatever the torch version: past the limit, under a ``force_eager``
+    stance, or after a first call made while compile was disabled (dynamo then skips the code
+    for good). Traced, ``is_compiling()`` is True and the check is not in the graph.
     """
     from torch.nn.attention.flex_attention import flex_attention
 
     def flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask | None = None, scale: float | None = None,
              enable_gqa: bool = False, return_aux: AuxRequest | None = None) -> object:
+        if not torch.compiler.is_compiling():
+            raise RuntimeError("the compiled flex_attention ran eagerly (dynamo's recompile_limit reached, or "
+                               "compile was disabled at its first call): flex would materialise the Lq x Lk "
+                               "scores; TORCH_LOGS=recompiles shows why it recompiled")
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
                               return_aux=return_aux, kernel_options=GPU_KERNEL_OPTIONS)
 

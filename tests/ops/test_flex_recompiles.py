@@ -191,3 +191,26 @@ def test_recompile_limit_fails_loudly(compiled, monkeypatch: pytest.MonkeyPatch)
         q, k, v = make_qkv(S + 2 * T, S + 2 * T, 0)  # another length: one more graph
         with pytest.raises(dynamo.exc.FailOnRecompileLimitHit):
             call(compiled, q, k, v, window=WINDOW, documents=make_documents(0, 2 * T), sinks=S)
+
+
+def test_wrapper_refuses_to_run_eagerly(compiled):
+    """Outside dynamo (an older torch's fall-back past the limit, a force_eager stance, a code
+    object dynamo marked to skip) the wrapper raises instead of running flex unfused."""
+    q, k, v = (t.detach() for t in make_qkv(S + T, S + T, 0))
+    documents = make_documents(0, T)
+
+    def run():
+        return call(compiled, q, k, v, window=WINDOW, documents=documents, sinks=S)
+
+    run()                                              # compiled: runs
+    with torch.compiler.set_stance("force_eager"), pytest.raises(RuntimeError, match="ran eagerly"):
+        run()
+    run()
+    # a first call while compile is disabled makes dynamo skip the code for good: every later
+    # call ran eagerly and silently before the check
+    dynamo.reset()
+    for disabled in (True, False):
+        with dynamo.config.patch(disable=disabled), pytest.raises(RuntimeError, match="ran eagerly"):
+            run()
+    dynamo.reset()
+    run()
