@@ -33,6 +33,7 @@ from sbtrain.config import RunConfig, validate
 from sbtrain.data.datasets import build_datasets
 from sbtrain.errors import CheckpointNotFound
 from sbtrain.model.builder import build_model
+from sbtrain.profiler.comm import softmax_exchanges
 from sbtrain.profiler.flops import flops_per_token
 from sbtrain.profiler.recompute import resolve_recompute
 from sbtrain.profiler.tracker import ThroughputTracker
@@ -117,7 +118,8 @@ def device_memory_gib(device: torch.device) -> float:
 
 
 def _build_wrapped_model(cfg: RunConfig, groups, dtype: torch.dtype, device: torch.device):
-    model, tconfig = build_model(cfg, groups.pg_collection, dtype, device)
+    model, tconfig = build_model(cfg, groups.pg_collection, dtype, device,
+                                 softmax_exchanges(cfg, device.type))
     init_parameters_globally(model, cfg.train.seed, cfg.model.init_method_std,
                              cfg.model.num_layers)
     if dtype == torch.bfloat16:

@@ -17,21 +17,32 @@ from sbtrain.model.megatron_config import to_megatron_config
 from sbtrain.model.recompute import install_ffn_activation_recompute
 from sbtrain.model.sinks import SinkTokenGPTModel
 from sbtrain.model.spec_provider import build_layer_specs
-from sbtrain.profiler.comm import softmax_exchanges
 
 
-def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device: torch.device):
+# Without sequence parallelism no exchange runs: any value serves.
+NO_SP_EXCHANGES = {"window": "tails", "full": "tails"}
+
+
+def build_model(cfg: RunConfig, pg_collection, params_dtype: torch.dtype, device: torch.device,
+                softmax_exchanges: dict[str, str] | None = None):
     """Return (GPTModel of this pipeline stage, TransformerConfig).
 
     Layers are split evenly over pipeline stages; the stage is read from ``pg_collection.pp``.
+    ``softmax_exchanges``: the SP exchange of each softmax layer kind (``window``, ``full``),
+    needed under ``parallel.sp > 1``. The trainer passes what ``sbtrain plan`` counts
+    (``sbtrain.profiler.comm.softmax_exchanges``, ``auto`` by bytes), so run and plan agree;
+    the choice stays out of the model layer because it rests on the plan's cost model.
     """
+    if softmax_exchanges is None:
+        if cfg.parallel.sp > 1:
+            raise ValueError("build_model under parallel.sp > 1 needs softmax_exchanges "
+                             "(sbtrain.profiler.comm.softmax_exchanges(cfg))")
+        softmax_exchanges = NO_SP_EXCHANGES
     config = to_megatron_config(cfg, params_dtype)
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, pp_rank=pp_rank)
-    # the SP exchange of each softmax layer kind, as `sbtrain plan` counts it (auto: by bytes)
-    exchanges = softmax_exchanges(cfg, device.type)
-    specs = build_layer_specs(cfg.model, cfg.spiking, exchanges)[offset: offset + count]
+    specs = build_layer_specs(cfg.model, cfg.spiking, softmax_exchanges)[offset: offset + count]
     block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=WrappedTorchNorm)
     model_class, extra = GPTModel, {}
     if cfg.model.sink_tokens:
