@@ -189,7 +189,10 @@ def test_recompile_limit_fails_loudly(compiled, monkeypatch: pytest.MonkeyPatch)
     with torch.no_grad():
         micro_batch_without_sp(compiled, seed=0)
         q, k, v = make_qkv(S + 2 * T, S + 2 * T, 0)  # another length: one more graph
-        with pytest.raises(dynamo.exc.FailOnRecompileLimitHit):
+        # torch 2.13: dynamo's FailOnRecompileLimitHit (fullgraph); a torch that falls back to
+        # eager instead meets the wrapper's own check
+        loud = tuple(e for e in (getattr(dynamo.exc, "FailOnRecompileLimitHit", None), RuntimeError) if e)
+        with pytest.raises(loud, match="fullgraph|recompile_limit|ran eagerly"):
             call(compiled, q, k, v, window=WINDOW, documents=make_documents(0, 2 * T), sinks=S)
 
 
