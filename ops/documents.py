@@ -32,14 +32,15 @@ class Documents:
         ids: [b, s] integer segment ids (``segment_ids_from_tokens``; under sequence parallelism
             this rank's slice of the global ids).
         cu_seqlens: ids' :func:`cu_seqlens_from_segments`, what the GLA kernels take: computed
-            here once, because ``torch.nonzero`` synchronises with the device.
+            here once, because ``torch.nonzero`` synchronises with the device. None for ids that
+            only attention reads (Ulysses' whole-sequence ids, ``ops.attention.ulysses``).
         block_masks: flex_attention block masks of these documents, filled by the first layer
             that needs one (``ops.attention.flex``, keyed by length, sinks and window) and
             reused by the others; it lives and dies with the micro-batch.
     """
 
     ids: torch.Tensor
-    cu_seqlens: torch.Tensor
+    cu_seqlens: torch.Tensor | None
     block_masks: dict = field(default_factory=dict, repr=False)
 
     @classmethod

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ops.attention.local import local_attention
 from ops.comm import SPContext, all_gather_values
-from ops.documents import document_ids
+from ops.documents import Documents, document_ids
 
 
 class _AllToAll(torch.autograd.Function):
@@ -103,11 +103,19 @@ def _by_head_group(t: Tensor, size: int) -> Tensor:
     return t.unflatten(1, (size, t.shape[1] // size)).transpose(0, 1)
 
 
-def _whole_documents(documents, sp: SPContext) -> Tensor | None:
+def _whole_documents(documents, sp: SPContext) -> Documents | Tensor | None:
     """[b, P s] ids of the whole sequence: every rank's slice from the micro-batch's
-    ``sp.documents`` when it has them, else all-gathered here."""
+    ``sp.documents`` when it has them, else all-gathered here. Within a micro-batch they are
+    one ``Documents`` for every layer (kept with the batch's block masks), so that flex builds
+    their block mask once per window kind, not once per layer."""
     ids = document_ids(documents)
     if ids is None:
         return None
-    gathered = sp.documents if sp.documents is not None else all_gather_values(ids, sp.group)
-    return torch.cat(gathered.unbind(0), dim=1)
+    if sp.documents is None:
+        return torch.cat(all_gather_values(ids, sp.group).unbind(0), dim=1)
+    held = sp.block_masks_for("ulysses")
+    if held is None:
+        return torch.cat(sp.documents.unbind(0), dim=1)
+    if "documents" not in held:  # attention reads the ids only: no cu_seqlens (a host sync)
+        held["documents"] = Documents(torch.cat(sp.documents.unbind(0), dim=1), cu_seqlens=None)
+    return held["documents"]

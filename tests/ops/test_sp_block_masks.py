@@ -117,10 +117,12 @@ def _sp_case(rank: int, world: int, exchange: str, early: bool) -> None:
     import torch.distributed as dist
 
     from ops.attention import sequence_parallel as sp_module
+    from ops.attention import ulysses as ulysses_module
     from ops.attention.flex import flex_attention_lse
 
     flex, cache = eager_flex_fn(), BlockMaskCache()
-    sp_module.local_attention = functools.partial(flex_attention_backend, flex_fn=flex, cache=cache)
+    sp_module.local_attention = ulysses_module.local_attention = functools.partial(
+        flex_attention_backend, flex_fn=flex, cache=cache)
     sp_module.local_attention_lse = functools.partial(flex_attention_lse, flex_fn=flex, cache=cache)
     structural = SPContext(dist.group.WORLD, softmax_exchange=exchange, early_exchange=early)
     lo, hi = rank * SLICE, (rank + 1) * SLICE
@@ -139,13 +141,15 @@ def _sp_case(rank: int, world: int, exchange: str, early: bool) -> None:
             want = torch.cat([want[:, :, :S], want[:, :, S + lo:S + hi]], dim=2)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         # per window kind: the received keys' mask, and with early exchange the own slice's
-        # (kept on the micro-batch's Documents); without the reuse: one per layer and part
-        expected = 2 * (2 if early else 1)
+        # (kept on the micro-batch's Documents); without the reuse: one per layer and part.
+        # Ulysses: the whole sequence's mask per window kind, and once per process the sink
+        # rows' (no documents: kept across batches)
+        expected = 2 + (seed == 0) if exchange == "ulysses" else 2 * (2 if early else 1)
         assert cache.builds - builds == expected, (exchange, early, cache.builds - builds)
 
 
 SP_CASES = {"tails-early": (_sp_case, "tails", True), "tails-blocking": (_sp_case, "tails", False),
-            "halo-early": (_sp_case, "halo", True)}
+            "halo-early": (_sp_case, "halo", True), "ulysses": (_sp_case, "ulysses", True)}
 
 
 @pytest.fixture(scope="module")
