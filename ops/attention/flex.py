@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,12 @@ FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
 # which has no valid configs for these GQA training shapes in torch 2.11 (NoValidChoicesError,
 # seen on the H100); the main kernel serves every length.
 GPU_KERNEL_OPTIONS = {"BACKEND": "TRITON"}
+# Graphs the one compiled wrapper may hold (dynamo's recompile_limit for it; default 8). A run
+# compiles one per call signature: measured (tests/ops/test_flex_recompiles.py) 4 for training
+# and 4 for validation under SP with the auto exchanges (halo own + received keys, Ulysses whole
+# sequence + sink rows), which fills the default: one more shape (a validation length) would
+# stop the run with FailOnRecompileLimitHit. Twice the measured need leaves room for that.
+FLEX_RECOMPILE_LIMIT = 16
 
 
 def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,8 +147,8 @@ def compiled_flex_attention() -> Callable[..., object]:
     Dynamo compiles one graph per call signature: shapes, dtypes, requires_grad and grad mode,
     lse or not, and the mask_mod's code and closure (its tensors' shapes, ``layout.indexed``),
     never tensor values: a new micro-batch's documents or SP positions reuse the graphs the
-    first micro-batch compiled (tests/ops/test_flex_recompiles.py; about 3 graphs for training
-    plus 3 for validation under SP, of dynamo's ``recompile_limit`` 8).
+    first micro-batch compiled (tests/ops/test_flex_recompiles.py; up to 4 graphs for training
+    plus 4 for validation under SP; room for :data:`FLEX_RECOMPILE_LIMIT`).
 
     ``fullgraph=True``: a graph break would fall back to the unfused flex path, which
     materialises the Lq × Lk scores; failing loudly is better. For the same reason a wrapper
@@ -162,6 +169,12 @@ def compiled_flex_attention() -> Callable[..., object]:
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
                               return_aux=return_aux, kernel_options=GPU_KERNEL_OPTIONS)
 
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # newer torch: this wrapper's own
+        return torch.compile(flex, fullgraph=True, recompile_limit=FLEX_RECOMPILE_LIMIT)
+    import torch._dynamo as dynamo  # deferred: dynamo is heavy and only the GPU path needs it
+
+    # older torch: the limit is process-wide; raised here, never lowered
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
     return torch.compile(flex, fullgraph=True)
 
 
