@@ -169,13 +169,16 @@ def compiled_flex_attention() -> Callable[..., object]:
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
                               return_aux=return_aux, kernel_options=GPU_KERNEL_OPTIONS)
 
+    # dynamic=False: one static kernel per shape, as in the runs we measured. By default the
+    # first shape change (under SP: own slice vs received keys) turns every later call into a
+    # dynamic-shape kernel whose speed nobody has measured; the shapes of a run are few.
     if "recompile_limit" in inspect.signature(torch.compile).parameters:  # newer torch: this wrapper's own
-        return torch.compile(flex, fullgraph=True, recompile_limit=FLEX_RECOMPILE_LIMIT)
+        return torch.compile(flex, fullgraph=True, dynamic=False, recompile_limit=FLEX_RECOMPILE_LIMIT)
     import torch._dynamo as dynamo  # deferred: dynamo is heavy and only the GPU path needs it
 
     # older torch: the limit is process-wide; raised here, never lowered
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
-    return torch.compile(flex, fullgraph=True)
+    return torch.compile(flex, fullgraph=True, dynamic=False)
 
 
 def block_mask_of(q: Tensor, k: Tensor, window: int | None, documents: Tensor | None, sinks: int,
