@@ -12,13 +12,21 @@ pytestmark = pytest.mark.gpu
 MOE = {"model.pattern": harness.MOE_PATTERN}
 
 
-@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 5e-3)])
-def test_fused_adam_matches_foreach_over_three_steps(tmp_path, precision, tol):
-    runs = {impl: harness.run(tmp_path, impl, 1, {**MOE, "train.precision": precision},
-                              env={"SB_PLATFORM": "cuda", "SB_ADAM_IMPL": impl})
+@pytest.fixture(scope="module")
+def adam_runs(tmp_path_factory) -> dict[str, dict[str, list[dict]]]:
+    """impl -> precision -> curve: one GPU launch per Adam implementation (the environment
+    picks it), both precisions inside it."""
+    return {impl: harness.run_many(tmp_path_factory.mktemp(f"adam_{impl}"), 1,
+                                   {p: {**MOE, "train.precision": p} for p in ("fp32", "bf16")},
+                                   timeout=900, env={"SB_PLATFORM": "cuda", "SB_ADAM_IMPL": impl})
             for impl in ("fused", "foreach")}
-    assert len(runs["fused"]) == 3
-    harness.assert_same_curve(runs["foreach"], runs["fused"], tol=tol)
+
+
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 5e-3)])
+def test_fused_adam_matches_foreach_over_three_steps(adam_runs, precision, tol):
+    fused, foreach = adam_runs["fused"][precision], adam_runs["foreach"][precision]
+    assert len(fused) == 3
+    harness.assert_same_curve(foreach, fused, tol=tol)
 
 
 @pytest.fixture

@@ -98,18 +98,7 @@ def _weights_from(ck: str, layout: dict) -> dict:
 
 def _launch(tmp: Path, nproc: int, runs: dict[str, dict]) -> dict[str, list[dict]]:
     """Every run in order in ONE real torchrun of ``nproc`` GPU ranks (multi_run.py)."""
-    def fill(value):
-        return value.replace("{tmp}", str(tmp)) if isinstance(value, str) else value
-
-    configs = [str(harness.write_config(tmp, name, {k: fill(v) for k, v in o.items()}))
-               for name, o in runs.items()]
-    cmd = harness.torchrun_cmd(nproc, [str(harness.REPO / "tests/parallel/multi_run.py")]
-                               + configs)
-    proc = subprocess.run(cmd, cwd=harness.REPO, env=harness.launch_env(GPU_ENV),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (f"{nproc}-GPU launch failed ({proc.returncode}):\n"
-                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return {name: harness.metrics(tmp / name) for name in runs}
+    return harness.run_many(tmp, nproc, runs, timeout=900, env=GPU_ENV)
 
 
 @pytest.fixture(scope="module")

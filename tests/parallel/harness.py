@@ -131,16 +131,19 @@ def run(tmp: Path, name: str, nproc: int, overrides: dict, extra: list[str] | No
     return metrics(tmp / name)
 
 
-def run_many(tmp: Path, nproc: int, runs: dict[str, dict], timeout: int = 600) -> dict[str, list[dict]]:
+def run_many(tmp: Path, nproc: int, runs: dict[str, dict], timeout: int = 600,
+             env: dict | None = None) -> dict[str, list[dict]]:
     """Train every ``{name: overrides}`` run, in order, in ONE ``nproc``-rank launch
     (``tests/parallel/multi_run.py``); returns each run's metrics. A run may resume from the
-    checkpoint an earlier one in the same dict saved (``{tmp}`` in a string value is ``tmp``)."""
+    checkpoint an earlier one in the same dict saved (``{tmp}`` in a string value is ``tmp``).
+    ``env``: as for :func:`launch` (a GPU platform launches under real torchrun); one
+    environment for every run of the launch."""
     def fill(value):
         return value.replace("{tmp}", str(tmp)) if isinstance(value, str) else value
 
     configs = [str(write_config(tmp, name, {k: fill(v) for k, v in overrides.items()}))
                for name, overrides in runs.items()]
-    proc = launch(configs[0], nproc, configs[1:], timeout=timeout, check=False,
+    proc = launch(configs[0], nproc, configs[1:], timeout=timeout, check=False, env=env,
                   entry=[str(REPO / "tests/parallel/multi_run.py")])
     if proc.returncode != 0:
         raise AssertionError(f"{nproc}-rank launch of {list(runs)} failed ({proc.returncode}):\n"
