@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 def planned(tmp_path_factory):
     """``planned(ranks)``: ``{run name: metrics}`` of every planned run on that many ranks."""
     from tests.parallel.harness import run_many  # the harness imports yaml: only for launches
-    from tests.parallel.plan import plan
+    from tests.parallel.plan import LAUNCH_AFTER, plan, with_launch_dirs
 
     groups = plan()
     cache: dict[int, dict[str, list[dict]]] = {}
@@ -46,12 +46,13 @@ def planned(tmp_path_factory):
 
     def curves(nproc: int) -> dict[str, list[dict]]:
         if nproc not in cache:
+            for earlier in LAUNCH_AFTER.get(nproc, ()):
+                curves(earlier)  # its checkpoints are read by this launch
             directories[nproc] = tmp_path_factory.mktemp(f"planned{nproc}")
-            cache[nproc] = run_many(directories[nproc], nproc, groups[nproc])
+            cache[nproc] = run_many(directories[nproc], nproc,
+                                    with_launch_dirs(groups[nproc], directories))
         return cache[nproc]
 
-    # the launch's ``{tmp}``, e.g. for a launch of another size that resumes its checkpoints
-    curves.directory = directories
     return curves
 
 

@@ -105,15 +105,34 @@ RESUMES = {
     **_resume("resume_76b_sp2", 2, {**SHAPE_76B, "parallel.sp": 2}, {}, {}),
     **{k: v for k, v in _resume("reshard_dp2_pp2", 2, {}, {}, {"parallel.pp": 2}).items()
        if not k.endswith(".full")},
-    # saved under PP2xEP2 on 4 ranks: tests/parallel/test_76b_layouts.py resumes it on 2 ranks
+    # saved under PP2xEP2 on 4 ranks, resumed under EP2 on 2 (== resume_76b_ep2.full): the
+    # 2-rank launch reads the 4-rank launch's directory, {tmp4} (LAUNCH_AFTER)
     "reshard_76b_4to2.a": (4, {**STEPS, **SHAPE_76B, "parallel.pp": 2, "parallel.ep": 2,
                                "checkpoint.save_dir": "{tmp}/reshard_76b_4to2_ckpt",
                                "train.exit_at_step": 2}),
+    "reshard_76b_4to2.b": (2, {**STEPS, **SHAPE_76B, "parallel.ep": 2,
+                               "checkpoint.save_dir": "{tmp4}/reshard_76b_4to2_ckpt"}),
     # overlapped, stopped and resumed == resume_76b_ep2.full (not overlapped, uninterrupted)
     **{k: v for k, v in _resume("resume_76b_ep2_overlap", 2,
                                 {**SHAPE_76B, **OVERLAP, "parallel.ep": 2}, {}, {}).items()
        if not k.endswith(".full")},
 }
+
+
+LAUNCH_AFTER = {2: (4,)}
+"""Launches that read an earlier launch's checkpoints (``{tmp<ranks>}`` in a value) run after it."""
+
+
+def with_launch_dirs(runs: dict[str, dict], directories: dict[int, object]) -> dict[str, dict]:
+    """``runs`` with ``{tmp<ranks>}`` replaced by that launch's directory."""
+    def fill(value):
+        if not isinstance(value, str):
+            return value
+        for ranks, directory in directories.items():
+            value = value.replace(f"{{tmp{ranks}}}", str(directory))
+        return value
+
+    return {name: {k: fill(v) for k, v in overrides.items()} for name, overrides in runs.items()}
 
 
 def plan() -> dict[int, dict[str, dict]]:

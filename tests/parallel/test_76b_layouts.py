@@ -5,8 +5,8 @@ on 2."""
 
 from __future__ import annotations
 
-from tests.parallel.harness import assert_same_curve, run
-from tests.parallel.plan import SHAPE_76B, STEPS
+from tests.parallel.harness import assert_same_curve
+from tests.parallel.plan import SHAPE_76B  # noqa: F401  (re-exported: tests/examples)
 
 
 def test_76b_resume_under_ep2_is_exact(planned):
@@ -16,12 +16,10 @@ def test_76b_resume_under_ep2_is_exact(planned):
     assert_same_curve(runs["resume_76b_ep2.full"][2:], resumed, tol=1e-6)
 
 
-def test_76b_checkpoint_of_pp2_ep2_on_4_ranks_resumes_under_ep2_on_2(planned, tmp_path):
+def test_76b_checkpoint_of_pp2_ep2_on_4_ranks_resumes_under_ep2_on_2(planned):
     """Saved after step 2 under PP2xEP2 (4 ranks: pipeline stages, experts and data split
     differently), resumed under EP2 on 2 ranks: the uninterrupted EP2 curve continues."""
-    planned(4)
-    checkpoint = planned.directory[4] / "reshard_76b_4to2_ckpt"
-    resumed = run(tmp_path, "ep2", 2, {**STEPS, **SHAPE_76B, "parallel.ep": 2,
-                                       "checkpoint.save_dir": str(checkpoint)})
+    runs = planned(2)
+    resumed = runs["reshard_76b_4to2.b"]
     assert [r["step"] for r in resumed] == [3, 4]
-    assert_same_curve(planned(2)["resume_76b_ep2.full"][2:], resumed, tol=1e-5)
+    assert_same_curve(runs["resume_76b_ep2.full"][2:], resumed, tol=1e-5)
