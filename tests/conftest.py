@@ -56,6 +56,14 @@ def planned(tmp_path_factory):
     return curves
 
 
+@pytest.fixture(scope="session")
+def spawn_pool(tmp_path_factory):
+    """Op-level multi-rank cases of several test modules, one spawn per world size."""
+    from tests.parallel.ranks import SpawnPool
+
+    return SpawnPool(tmp_path_factory.mktemp)
+
+
 # Single-process reference curves, trained once per test session and shared by every module
 # that compares a layout (or a resumed / guarded run) against the same config: a planned one
 # comes from the one-rank planned launch.

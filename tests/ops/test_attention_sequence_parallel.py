@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.parallel.ranks import spawn_cases
 
 B, H, HKV, T, D = 2, 4, 2, 23, 8
 SCALE = D ** -0.5
@@ -121,11 +120,9 @@ def _sink_case_id(window, world, exchange="tails"):
     return f"{'window' + str(window) if window else 'full'}-sp{world}{halo}"
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """Every case of this file, one spawn per world size (tests/parallel/ranks.py)."""
-    tmp = tmp_path_factory.mktemp("sequence_attention")
-    out = {}
+def spawn_plan() -> dict[int, dict[str, tuple]]:
+    """Every case of this file by world size (run by the session's SpawnPool)."""
+    plan = {}
     for world in (2, 4):
         cases = {_case_id(*case): (_check, case[0], case[2]) for case in CASES
                  if case[1] == world}
@@ -133,8 +130,13 @@ def results(tmp_path_factory):
                       for case in HALO_CASES if case[1] == world})
         cases.update({"sinks-" + _sink_case_id(*case): (_sink_check, case[0], *case[2:])
                       for case in SINK_CASES if case[1] == world})
-        out.update(spawn_cases(tmp, world, cases))
-    return out
+        plan[world] = cases
+    return plan
+
+
+@pytest.fixture(scope="module")
+def results(spawn_pool):
+    return {**spawn_pool.results(__name__, 2), **spawn_pool.results(__name__, 4)}
 
 
 @pytest.mark.parametrize("case", [_case_id(*c) for c in CASES])

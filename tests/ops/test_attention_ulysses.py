@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.parallel.ranks import spawn_cases
 
 B, T, D, S = 2, 16, 8, 3
 SCALE = D ** -0.5
@@ -117,16 +116,19 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ulysses")
-    out = {}
+def spawn_plan() -> dict[int, dict[str, tuple]]:
+    """Every case by world size (run by the session's SpawnPool, tests/parallel/ranks.py)."""
+    plan = {}
     for world, cases in CASES.items():
-        named = {f"sp{world}-{name}": (_check, *case) for name, case in cases.items()}
-        if world == 2:
-            named["sp2-refusals"] = (_refusals,)
-        out.update(spawn_cases(tmp, world, named))
-    return out
+        plan[world] = {f"sp{world}-{name}": (_check, *case) for name, case in cases.items()}
+    plan[2]["sp2-refusals"] = (_refusals,)
+    return plan
+
+
+@pytest.fixture(scope="module")
+def results(spawn_pool):
+    return {key: value for world in CASES
+            for key, value in spawn_pool.results(__name__, world).items()}
 
 
 @pytest.mark.parametrize("case", [f"sp{w}-{name}" for w, cases in CASES.items() for name in cases])

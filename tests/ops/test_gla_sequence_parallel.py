@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.parallel.ranks import spawn_cases
 
 B, T, H, HKV, K, V = 2, 23, 4, 2, 8, 6
 SCALE = K ** -0.5
@@ -96,16 +95,16 @@ GLA_IDS = ["sp2-one_document", "sp4-packed_documents", "sp2-documents_initial_st
            "sp4-documents_initial_state"]
 
 
+def spawn_plan() -> dict[int, dict[str, tuple]]:
+    """Every case by world size (run by the session's SpawnPool, tests/parallel/ranks.py)."""
+    return {world: {name: (_check, documents, initial)
+                    for name, (n, documents, initial) in zip(GLA_IDS, GLA_CASES) if n == world}
+            for world in (2, 4)}
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """Every case, one spawn per world size (tests/parallel/ranks.py)."""
-    tmp = tmp_path_factory.mktemp("sequence_gla")
-    out = {}
-    for world in (2, 4):
-        out.update(spawn_cases(tmp, world, {
-            name: (_check, documents, initial)
-            for name, (n, documents, initial) in zip(GLA_IDS, GLA_CASES) if n == world}))
-    return out
+def results(spawn_pool):
+    return {**spawn_pool.results(__name__, 2), **spawn_pool.results(__name__, 4)}
 
 
 @pytest.mark.parametrize("case", GLA_IDS)

@@ -21,7 +21,6 @@ from ops.attention.masks import Positions
 from ops.attention.naive import naive_attention
 from ops.comm import SPContext
 from ops.documents import Documents
-from tests.parallel.ranks import spawn_cases
 
 B, H, HKV, D, S, WINDOW = 2, 4, 2, 16, 4, 5
 P, RANK, SLICE = 2, 1, 40  # short slices: the eager flex is slow on CPU
@@ -152,10 +151,15 @@ SP_CASES = {"tails-early": (_sp_case, "tails", True), "tails-blocking": (_sp_cas
             "halo-early": (_sp_case, "halo", True), "ulysses": (_sp_case, "ulysses", True)}
 
 
+def spawn_plan() -> dict[int, dict[str, tuple]]:
+    """The multi-rank cases (run by the session's SpawnPool, tests/parallel/ranks.py)."""
+    return {P: SP_CASES}
+
+
 @pytest.fixture(scope="module")
-def sp_results(tmp_path_factory):
+def sp_results(spawn_pool):
     pytest.importorskip("torch.nn.attention.flex_attention")
-    return spawn_cases(tmp_path_factory.mktemp("sp_masks"), P, SP_CASES)
+    return spawn_pool.results(__name__, P)
 
 
 @pytest.mark.parametrize("case", list(SP_CASES))

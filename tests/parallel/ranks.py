@@ -5,11 +5,16 @@ op-level checks (a function of rank and world that builds its own inputs and ass
 through ``spawn_cases``: a spawn costs ~3 s of imports per rank on the 2-core CI machine, a
 case a fraction of a second, so the cases that share a world size share the ranks. Each case
 gets its own pass/fail: ``results[case]`` is "" or the first failing rank's traceback.
+
+The op test modules in :data:`SPAWN_MODULES` go further: each declares ``spawn_plan()``
+(``{world: {case: (check, *args)}}``) and reads its results from the session's
+:class:`SpawnPool`, which runs every listed module's cases of one world size in ONE spawn.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import traceback
 from pathlib import Path
@@ -49,3 +54,33 @@ def spawn_cases(tmp: Path, world: int, cases: dict[str, tuple[Callable, ...]]) -
     failures = {name: [r.get(name, f"rank {i}: no result") for i, r in enumerate(per_rank)]
                 for name in cases}
     return {name: next((text for text in texts if text), "") for name, texts in failures.items()}
+
+
+SPAWN_MODULES = ("test_attention_sequence_parallel", "test_gla_sequence_parallel",
+                 "test_attention_ulysses", "test_sp_block_masks")
+"""Test modules (tests/ops, imported by their file names as pytest does) whose cases share the
+pool's spawns."""
+
+
+class SpawnPool:
+    """One :func:`spawn_cases` per world size for the cases of every :data:`SPAWN_MODULES`
+    module, run on first use (``tests/conftest.py``'s ``spawn_pool`` fixture)."""
+
+    def __init__(self, directory: Callable[[str], Path]) -> None:
+        self._directory = directory
+        self._results: dict[int, dict[str, str]] = {}
+
+    def results(self, module: str, world: int) -> dict[str, str]:
+        """``module``'s cases on ``world`` ranks: ``{case: "" or the failing traceback}``."""
+        if module not in SPAWN_MODULES:
+            raise ValueError(f"{module} is not in tests/parallel/ranks.py SPAWN_MODULES")
+        if world not in self._results:
+            cases = {}
+            for name in SPAWN_MODULES:
+                plan = importlib.import_module(name).spawn_plan().get(world, {})
+                cases.update({f"{name}::{case}": spec for case, spec in plan.items()})
+            self._results[world] = spawn_cases(self._directory(f"spawn_pool{world}"), world, cases)
+        prefix = f"{module}::"
+        return {key[len(prefix):]: text for key, text in self._results[world].items()
+                if key.startswith(prefix)}
+
