@@ -24,7 +24,6 @@ import contextlib
 import importlib
 import io
 import json
-import multiprocessing
 import os
 import runpy
 import signal
@@ -93,14 +92,7 @@ def _rank_main(launch: dict, rank: int, port: int) -> None:
     except BaseException:  # noqa: BLE001 - reported like python reports an uncaught error
         traceback.print_exc()
     finally:
-        # os._exit skips the interpreter's exit handlers, which would have stopped the processes
-        # this rank started (megatron's persistent async-save worker): stop them here, or each
-        # launch leaves an orphaned worker of ~300 MiB behind
-        for child in multiprocessing.active_children():
-            with contextlib.suppress(Exception):
-                child.terminate()
-                child.join(timeout=KILL_GRACE_S)
-        flush_and_exit(code)
+        flush_and_exit(code)  # stops the processes the rank started (forked_child.py)
 
 
 def _wait(pids: list[int], timeout: float) -> int:
