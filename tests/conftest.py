@@ -56,6 +56,20 @@ def planned(tmp_path_factory):
     return curves
 
 
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    """A one-rank gloo default group for the module's tests (kept if one already exists)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def spawn_pool(tmp_path_factory):
     """Op-level multi-rank cases of several test modules, one spawn per world size."""

@@ -21,15 +21,8 @@ CPU = torch.device("cpu")
 READS = ("cpu", "item", "tolist", "__float__", "__bool__", "__int__")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank_group(tmp_path_factory):
-    if dist.is_initialized():
-        yield
-        return
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+# every test here runs inside a one-rank gloo group (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_rank_group")
 
 
 class HostReads:

@@ -12,22 +12,14 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from sbtrain.safety import RunDirectoryLocked, RunLock, StepGuard, StopRequest
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank_group(tmp_path_factory):
-    if dist.is_initialized():
-        yield
-        return
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+# every test here runs inside a one-rank gloo group (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_rank_group")
 
 
 @pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
