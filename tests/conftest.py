@@ -70,6 +70,17 @@ def one_rank_group(tmp_path_factory):
     dist.destroy_process_group()
 
 
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """flex_attention run eagerly on CPU with autograd, for one test (tests/flex_eager.py)."""
+    from tests.flex_eager import eager_switches, flex_module
+
+    fa = flex_module()
+    for name, value in eager_switches().items():
+        monkeypatch.setattr(fa, name, value)
+    return fa.flex_attention
+
+
 @pytest.fixture(scope="session")
 def spawn_pool(tmp_path_factory):
     """Op-level multi-rank cases of several test modules, one spawn per world size."""

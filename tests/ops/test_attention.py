@@ -148,23 +148,6 @@ def test_attention_mask_shape_and_rules():
     assert torch.equal(attention_mask(5, window=4)[0, 0], torch.ones(5, 5, dtype=torch.bool).tril())
 
 
-@pytest.fixture
-def eager_flex(monkeypatch: pytest.MonkeyPatch):
-    """flex_attention run eagerly on CPU, with autograd.
-
-    The suite disables torch.compile, and public flex_attention then fails (it compiles
-    internally with fullgraph=True) and refuses CPU backward. Its debug switch calls the
-    flex higher-order op eagerly: the dense math path, which applies the same mask_mod
-    (but ignores the tile lists; test_block_structure_* check those).
-    """
-    fa = pytest.importorskip("torch.nn.attention.flex_attention")
-    if not hasattr(fa, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG") or not hasattr(fa, "_validate_device"):
-        pytest.skip("this torch has no eager flex_attention debug path")
-    monkeypatch.setattr(fa, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)
-    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
-    return fa.flex_attention
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("T", [37, 130])
 @pytest.mark.parametrize("window,docs", [(None, False), (3, False), (100, False), (None, True), (50, True)])

@@ -109,17 +109,6 @@ def test_dispatch_on_cpu_picks_the_reference():
     assert local_attention_lse.registry.select(q, k, v).name == "torch"
 
 
-@pytest.fixture
-def eager_flex(monkeypatch: pytest.MonkeyPatch):
-    """flex_attention run eagerly on CPU (see tests/ops/test_attention.py's fixture)."""
-    fa = pytest.importorskip("torch.nn.attention.flex_attention")
-    if not hasattr(fa, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG") or not hasattr(fa, "_validate_device"):
-        pytest.skip("this torch has no eager flex_attention debug path")
-    monkeypatch.setattr(fa, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)
-    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
-    return fa.flex_attention
-
-
 def _compare_flex(flex_fn, dtype, device, tol):
     T = 40
     positions, ids = _earlier_keys(T, 9, True, device)

@@ -28,6 +28,7 @@ from ops.attention.flex import BlockMaskCache, build_block_mask, flex_attention_
 from ops.attention.lse_merge import lse_merge_attention
 from ops.attention.masks import BLOCK_SIZE, mask_layout, tile_structure
 from ops.documents import Documents
+from tests.flex_eager import flex_module
 
 FORCE_ENV = "SB_OP_BACKEND_ATTENTION"
 
@@ -196,20 +197,11 @@ def test_sink_attention_mask_rules():
 
 
 @pytest.fixture
-def eager_flex(monkeypatch: pytest.MonkeyPatch):
-    """flex_attention run eagerly on CPU, with autograd (see tests/ops/test_attention.py::eager_flex).
-
-    The debug switch calls the flex higher-order op eagerly: the dense math path, which applies
-    the same mask_mod (but ignores the tile lists) and differentiates the returned lse.
-    """
-    fa = pytest.importorskip("torch.nn.attention.flex_attention")
-    if not hasattr(fa, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG") or not hasattr(fa, "_validate_device"):
-        pytest.skip("this torch has no eager flex_attention debug path")
-    if not hasattr(fa, "AuxRequest"):
+def eager_flex(eager_flex):
+    """tests/conftest.py's eager flex_attention, where it can return the lse (lse_merge needs it)."""
+    if not hasattr(flex_module(), "AuxRequest"):
         pytest.skip("this torch's flex_attention has no return_aux (lse_merge needs it)")
-    monkeypatch.setattr(fa, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)
-    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
-    return fa.flex_attention
+    return eager_flex
 
 
 def eager_backend(name: str, flex) -> object:

@@ -349,17 +349,6 @@ def test_invalid_inputs_raise():
 # ---- flex on CPU (eager debug path: same mask_mod, dense math) and the tile lists ----
 
 
-@pytest.fixture
-def eager_flex(monkeypatch: pytest.MonkeyPatch):
-    """flex_attention run eagerly on CPU with autograd (see tests/ops/test_attention.py)."""
-    fa = pytest.importorskip("torch.nn.attention.flex_attention")
-    if not hasattr(fa, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG") or not hasattr(fa, "_validate_device"):
-        pytest.skip("this torch has no eager flex_attention debug path")
-    monkeypatch.setattr(fa, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)
-    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
-    return fa.flex_attention
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("window,docs,sinks,shuffle", [
     (None, False, 0, False), (6, False, 3, False), (None, True, 3, True), (0, True, 2, False), (6, True, 0, True),

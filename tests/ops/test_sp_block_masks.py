@@ -21,29 +21,11 @@ from ops.attention.masks import Positions
 from ops.attention.naive import naive_attention
 from ops.comm import SPContext
 from ops.documents import Documents
+from tests.flex_eager import enable_eager_flex
 
 B, H, HKV, D, S, WINDOW = 2, 4, 2, 16, 4, 5
 P, RANK, SLICE = 2, 1, 40  # short slices: the eager flex is slow on CPU
 LAYERS = (WINDOW, None, WINDOW, None, WINDOW, None)  # sliding-window and full layers alternate
-
-
-def eager_flex_fn():
-    """flex_attention run eagerly on CPU (see tests/ops/test_attention.py::eager_flex)."""
-    fa = pytest.importorskip("torch.nn.attention.flex_attention")
-    if not hasattr(fa, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG") or not hasattr(fa, "_validate_device"):
-        pytest.skip("this torch has no eager flex_attention debug path")
-    fa._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
-    fa._validate_device = lambda *args: None
-    return fa.flex_attention
-
-
-@pytest.fixture
-def eager_flex(monkeypatch: pytest.MonkeyPatch):
-    fa = pytest.importorskip("torch.nn.attention.flex_attention")
-    monkeypatch.setattr(fa, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", getattr(fa, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG",
-                                                                             None), raising=False)
-    monkeypatch.setattr(fa, "_validate_device", getattr(fa, "_validate_device", None), raising=False)
-    return eager_flex_fn()
 
 
 def segments(seed: int, batch: int, length: int) -> torch.Tensor:
@@ -119,7 +101,7 @@ def _sp_case(rank: int, world: int, exchange: str, early: bool) -> None:
     from ops.attention import ulysses as ulysses_module
     from ops.attention.flex import flex_attention_lse
 
-    flex, cache = eager_flex_fn(), BlockMaskCache()
+    flex, cache = enable_eager_flex(), BlockMaskCache()
     sp_module.local_attention = ulysses_module.local_attention = functools.partial(
         flex_attention_backend, flex_fn=flex, cache=cache)
     sp_module.local_attention_lse = functools.partial(flex_attention_lse, flex_fn=flex, cache=cache)
